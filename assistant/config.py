@@ -1,0 +1,474 @@
+"""YAML configuration: loading, validation, defaults and the effective view.
+
+One declarative schema (``SCHEMA``, a tree of :class:`Field`) drives all
+three jobs: the validator walks it, the defaults come from it, and
+``Config.to_dict()`` / :func:`dump_effective` (``assistant config show``)
+follow its order. To add a key, add a ``Field`` here and a field with the
+same name to the dataclass of its section; ``Config(**values)`` fails loudly
+if the two ever disagree.
+
+Validation walks the YAML node tree (``yaml.compose``) rather than the loaded
+dict, so every error can name the line it is about::
+
+    /home/u/.config/assistant/config.yaml:7: generation.temperature: expected a number >= 0, got 'hot'
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from assistant import paths
+from assistant.protocol import DEFAULT_MAX_LINE_BYTES
+
+BACKENDS = ("auto", "llama.cpp", "mlx")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MODEL = "smollm2-135m"
+
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used.
+
+    ``str(err)`` reads ``FILE:LINE: dotted.key: what was wrong``; the parts are
+    also kept as attributes (``path``, ``line``, ``column``, ``key``,
+    ``detail``) for callers that want to present them differently.
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        path: Path | None = None,
+        line: int | None = None,
+        column: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.detail = detail
+        self.path = path
+        self.line = line
+        self.column = column
+        self.key = key
+        where = [str(path)] if path is not None else []
+        if line is not None:
+            where.append(str(line))
+            if column is not None:
+                where.append(str(column))
+        parts = [":".join(where)] if where else []
+        if key:
+            parts.append(key)
+        parts.append(detail)
+        super().__init__(": ".join(parts))
+
+
+# --------------------------------------------------------------------------
+# The schema
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key.
+
+    ``kind`` is a scalar type (``str``, ``int``, ``float``, ``bool``) or a
+    container: ``section`` (fixed keys in ``fields``, built into ``cls`` when
+    given), ``map`` (user-chosen keys, each value checked against ``item``)
+    or ``list`` (each element checked against ``item``).
+    """
+
+    kind: str
+    default: Any = None
+    doc: str = ""
+    choices: tuple[str, ...] = ()
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False  # the bound itself is excluded (x > min)
+    max_open: bool = False
+    nullable: bool = False
+    auto: bool = False  # the string "auto" is accepted as well
+    required: bool = False
+    expand_user: bool = False  # expand ~ in a str value
+    fields: Mapping[str, Field] | None = None
+    item: Field | None = None
+    cls: type | None = None
+
+    def expected(self) -> str:
+        """What a valid value looks like, in words, for error messages."""
+        if self.kind in ("section", "map"):
+            text = "a mapping"
+        elif self.kind == "list":
+            text = "a list"
+        elif self.choices:
+            text = "one of " + ", ".join(self.choices)
+        elif self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "str":
+            text = "a string"
+        else:
+            text = ("an integer" if self.kind == "int" else "a number") + self._range()
+        if self.auto:
+            text = "'auto' or " + text
+        if self.nullable:
+            text += " or null"
+        return text
+
+    def _range(self) -> str:
+        bounds = []
+        if self.min is not None:
+            bounds.append(f"{'>' if self.min_open else '>='} {_num(self.min)}")
+        if self.max is not None:
+            bounds.append(f"{'<' if self.max_open else '<='} {_num(self.max)}")
+        return (" " + " and ".join(bounds)) if bounds else ""
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+GENERATION_FIELDS: dict[str, Field] = {
+    "temperature": Field("float", 0.7, "Sampling temperature; 0 picks the most likely token (greedy).", min=0),
+    "top_p": Field("float", 0.95, "Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p.",
+                   min=0, min_open=True, max=1),
+    "top_k": Field("int", 40, "Keep only the k most likely tokens; 0 disables.", min=0),
+    "min_p": Field("float", 0.05, "Drop tokens less likely than min_p times the most likely one; 0 disables.",
+                   min=0, max=1, max_open=True),
+    "repeat_penalty": Field("float", 1.0, "Penalty for repeating recent tokens; 1.0 disables.", min=0, min_open=True),
+    "max_tokens": Field("int", 512, "Most tokens generated for one reply.", min=1),
+    "seed": Field("int", None, "Random seed for sampling; null picks a new one per request.", nullable=True),
+}
+
+
+@dataclass
+class GenerationDefaults:
+    """Sampling defaults; a request may override each of them."""
+
+    temperature: float = GENERATION_FIELDS["temperature"].default
+    top_p: float = GENERATION_FIELDS["top_p"].default
+    top_k: int = GENERATION_FIELDS["top_k"].default
+    min_p: float = GENERATION_FIELDS["min_p"].default
+    repeat_penalty: float = GENERATION_FIELDS["repeat_penalty"].default
+    max_tokens: int = GENERATION_FIELDS["max_tokens"].default
+    seed: int | None = GENERATION_FIELDS["seed"].default
+
+
+MODEL_FIELDS: dict[str, Field] = {
+    "path": Field("str", doc="Model file (GGUF) or MLX model directory; ~ is expanded.",
+                  required=True, expand_user=True),
+    "backend": Field("str", None, "Backend for this model; null uses the top-level backend.",
+                     choices=BACKENDS, nullable=True),
+    "context": Field("int", None, "Context window for this model; null uses the top-level context.",
+                     min=256, nullable=True),
+    "threads": Field("int", None, "Decode threads for this model; null uses the top-level threads.",
+                     min=1, nullable=True),
+    "chat_template": Field("str", None, "A Jinja chat template that replaces the one in the model file.",
+                           nullable=True),
+}
+
+
+@dataclass
+class ModelEntry:
+    """A user-defined model alias (``models:`` in the config file)."""
+
+    path: str
+    backend: str | None = None
+    context: int | None = None
+    threads: int | None = None
+    chat_template: str | None = None
+
+
+SCHEMA: dict[str, Field] = {
+    "model": Field("str", DEFAULT_MODEL, "Default model: an alias (built-in or from models:) or a path."),
+    "backend": Field("str", "auto", "Inference backend; auto picks mlx on Apple Silicon when mlx-lm is "
+                     "installed, llama.cpp elsewhere.", choices=BACKENDS),
+    "context": Field("int", "auto", "Context window in tokens; auto sizes it from the model and free RAM.",
+                     min=256, auto=True),
+    "threads": Field("int", "auto", "CPU threads for decoding; auto uses the physical cores.", min=1, auto=True),
+    "max_loaded_models": Field("int", 1, "Most models kept loaded at once; the least recently used is unloaded.",
+                               min=1),
+    "preload": Field("bool", True, "Load the default model when the daemon starts."),
+    "system_prompt": Field("str", None, "System prompt for new sessions; null uses none.", nullable=True),
+    "log_level": Field("str", "info", "Daemon log level.", choices=LOG_LEVELS),
+    "max_line_bytes": Field("int", DEFAULT_MAX_LINE_BYTES, "Longest protocol line (one JSON message) accepted.",
+                            min=1024),
+    "generation": Field("section", doc="Sampling defaults.", fields=GENERATION_FIELDS, cls=GenerationDefaults),
+    "models": Field("map", doc="Model aliases: name -> settings.",
+                    item=Field("section", fields=MODEL_FIELDS, cls=ModelEntry)),
+}
+
+
+@dataclass
+class Config:
+    """The validated configuration, every key filled in."""
+
+    model: str = SCHEMA["model"].default
+    backend: str = SCHEMA["backend"].default
+    context: int | str = SCHEMA["context"].default
+    threads: int | str = SCHEMA["threads"].default
+    max_loaded_models: int = SCHEMA["max_loaded_models"].default
+    preload: bool = SCHEMA["preload"].default
+    system_prompt: str | None = SCHEMA["system_prompt"].default
+    log_level: str = SCHEMA["log_level"].default
+    max_line_bytes: int = SCHEMA["max_line_bytes"].default
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    models: dict[str, ModelEntry] = field(default_factory=dict)
+    # Not a config key: the file this came from, None when none existed.
+    source: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective config (defaults merged) as plain data, in schema order."""
+        return _export(Field("section", fields=SCHEMA), self)
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Read and validate the config file.
+
+    ``path=None`` means :func:`assistant.paths.config_path` (``$ASSISTANT_CONFIG``,
+    then the user config dir). A missing file at the default location gives
+    the defaults; a missing file that was named (argument or environment) is
+    a :class:`ConfigError`, since the user clearly meant to use it.
+    """
+    explicit = path is not None or bool(os.environ.get("ASSISTANT_CONFIG"))
+    file = paths.config_path(path) if path is not None else paths.config_path()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError("config file not found", path=file) from None
+        return _validate(None, None, None)
+    except IsADirectoryError:
+        raise ConfigError("is a directory, not a config file", path=file) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=file) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror or e}", path=file) from None
+    return parse_config(text, file)
+
+
+def parse_config(text: str, path: Path | None = None) -> Config:
+    """Validate config text; ``path`` is only used in messages and ``Config.source``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as e:
+            raise _yaml_error(e, path) from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid YAML: {e}", path=path) from None
+        return _validate(root, loader, path)
+    finally:
+        loader.dispose()
+
+
+def dump_effective(config: Config) -> str:
+    """The effective config as YAML (for ``assistant config show``); it loads back to the same config."""
+    source = str(config.source) if config.source else "none (built-in defaults)"
+    header = f"# Effective configuration (defaults filled in). Source: {source}\n"
+    return header + yaml.dump(config.to_dict(), Dumper=_Dumper, sort_keys=False,
+                              default_flow_style=False, allow_unicode=True)
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that writes multi-line strings (prompts, templates) as | blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    # PyYAML falls back to a quoted style by itself where a block cannot hold the text.
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def _yaml_error(e: yaml.MarkedYAMLError, path: Path | None) -> ConfigError:
+    mark = e.problem_mark or e.context_mark
+    detail = "invalid YAML: " + (e.problem or "syntax error")
+    if e.context and e.context_mark is not None and e.problem_mark is not None:
+        detail += f" ({e.context} at line {e.context_mark.line + 1})"
+    if mark is None:
+        return ConfigError(detail, path=path)
+    return ConfigError(detail, path=path, line=mark.line + 1, column=mark.column + 1)
+
+
+def _validate(root: yaml.Node | None, loader: yaml.SafeLoader | None, path: Path | None) -> Config:
+    checker = _Checker(loader, path)
+    if root is not None and not _is_null(root) and not isinstance(root, yaml.MappingNode):
+        raise checker.error(root, None, f"the top level must be a mapping of keys, got {_kind_of(root)}")
+    values = checker.section(SCHEMA, None if root is None or _is_null(root) else root, "", None)
+    return Config(**values, source=path)
+
+
+class _Checker:
+    """Walks the YAML node tree against the schema; raises ConfigError with a line."""
+
+    def __init__(self, loader: yaml.SafeLoader | None, path: Path | None) -> None:
+        self.loader = loader
+        self.path = path
+
+    def error(self, node: yaml.Node | None, key: str | None, detail: str,
+              mark: yaml.Mark | None = None) -> ConfigError:
+        mark = mark or (node.start_mark if node is not None else None)
+        return ConfigError(detail, path=self.path, key=key or None,
+                           line=mark.line + 1 if mark is not None else None)
+
+    def value(self, spec: Field, node: yaml.Node | None, key: str, key_mark: yaml.Mark | None) -> Any:
+        """Check one value (node None: the key was absent) and return it with defaults filled in."""
+        if spec.kind == "section":
+            # A section whose children are all commented out reads as null: same as absent.
+            if node is not None and not _is_null(node) and not isinstance(node, yaml.MappingNode):
+                raise self.error(node, key, f"expected {spec.expected()}, got {_kind_of(node)}")
+            values = self.section(spec.fields or {}, None if node is None or _is_null(node) else node,
+                                  key, key_mark)
+            return spec.cls(**values) if spec.cls else values
+        if spec.kind == "map":
+            return {name: self.value(spec.item, vnode, _join(key, name), kmark)
+                    for name, vnode, kmark in self.pairs(spec, node, key)}
+        if spec.kind == "list":
+            if node is None or _is_null(node):
+                return list(spec.default or [])
+            if not isinstance(node, yaml.SequenceNode):
+                raise self.error(node, key, f"expected {spec.expected()}, got {_kind_of(node)}")
+            return [self.value(spec.item, item, f"{key}[{i}]", item.start_mark)
+                    for i, item in enumerate(node.value)]
+        if node is None:
+            if spec.required:
+                raise self.error(None, key.rpartition(".")[0], f"missing required key "
+                                 f"'{key.rpartition('.')[2]}' ({spec.expected()})", mark=key_mark)
+            return spec.default
+        return self.scalar(spec, node, key)
+
+    def section(self, fields: Mapping[str, Field], node: yaml.MappingNode | None, key: str,
+                key_mark: yaml.Mark | None) -> dict[str, Any]:
+        seen: dict[str, tuple[yaml.Node, yaml.Mark]] = {}
+        for name, vnode, kmark in self.pairs(None, node, key):
+            if name not in fields:
+                raise self.error(None, key, _unknown_key(name, fields), mark=kmark)
+            seen[name] = (vnode, kmark)
+        out = {}
+        for name, spec in fields.items():
+            vnode, kmark = seen.get(name, (None, None))
+            # An absent required key is reported at the line of its section's key.
+            out[name] = self.value(spec, vnode, _join(key, name), kmark or key_mark)
+        return out
+
+    def pairs(self, spec: Field | None, node: yaml.Node | None, key: str):
+        """(name, value node, key mark) for each entry of a mapping node; keys must be strings."""
+        if node is None or _is_null(node):
+            return []
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, key, f"expected {spec.expected() if spec else 'a mapping'}, "
+                                        f"got {_kind_of(node)}")
+        self.loader.flatten_mapping(node)  # resolve YAML merge keys (<<: *anchor)
+        out = []
+        for knode, vnode in node.value:
+            name = self.loader.construct_object(knode, deep=True)
+            if not isinstance(name, str):
+                raise self.error(knode, key, f"keys must be strings, got {_describe(name)}")
+            out.append((name, vnode, knode.start_mark))
+        return out
+
+    def scalar(self, spec: Field, node: yaml.Node, key: str) -> Any:
+        value = self.loader.construct_object(node, deep=True)
+        ok, value = _coerce(spec, value)
+        if ok:
+            return value
+        detail = f"expected {spec.expected()}, got {_describe(value)}"
+        if spec.choices and isinstance(value, str):
+            close = difflib.get_close_matches(value, spec.choices, n=1)
+            if close:
+                detail += f"; did you mean '{close[0]}'?"
+        elif spec.kind in ("int", "float") and isinstance(value, str) and _looks_numeric(value):
+            # PyYAML reads 1e-3 (no '.') and quoted numbers as text.
+            detail += " (text, not a number: write it unquoted, with a '.' before any exponent, e.g. 1.0e-3)"
+        raise self.error(node, key, detail)
+
+
+def _coerce(spec: Field, value: Any) -> tuple[bool, Any]:
+    """(valid?, value converted to the field's type)."""
+    if value is None:
+        return spec.nullable, value
+    if spec.auto and value == "auto":
+        return True, value
+    if spec.kind == "bool":
+        return isinstance(value, bool), value
+    if spec.kind == "str":
+        if not isinstance(value, str) or (spec.choices and value not in spec.choices):
+            return False, value
+        return True, os.path.expanduser(value) if spec.expand_user else value
+    # bool is a subclass of int: `top_k: true` must not read as 1.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False, value
+    if spec.kind == "int" and not isinstance(value, int):
+        return False, value
+    if spec.kind == "float" and not math.isfinite(value):
+        return False, value
+    if spec.min is not None and (value < spec.min or (spec.min_open and value == spec.min)):
+        return False, value
+    if spec.max is not None and (value > spec.max or (spec.max_open and value == spec.max)):
+        return False, value
+    return True, float(value) if spec.kind == "float" else value
+
+
+def _unknown_key(name: str, fields: Mapping[str, Field]) -> str:
+    detail = f"unknown key '{name}' (known keys: {', '.join(sorted(fields))})"
+    close = difflib.get_close_matches(name, list(fields), n=1)
+    if close:
+        detail += f"; did you mean '{close[0]}'?"
+    return detail
+
+
+def _export(spec: Field, value: Any) -> Any:
+    if spec.kind == "section":
+        get = value.get if isinstance(value, dict) else (lambda n: getattr(value, n))
+        return {name: _export(f, get(name)) for name, f in (spec.fields or {}).items()}
+    if spec.kind == "map":
+        return {name: _export(spec.item, v) for name, v in value.items()}
+    if spec.kind == "list":
+        return [_export(spec.item, v) for v in value]
+    return value
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG
+
+
+def _kind_of(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return repr(node.value)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text.replace("_", ""))
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,172 @@
+"""The interface every inference backend implements.
+
+A backend owns one loaded model and its KV cache (a single sequence). It is
+driven from exactly one worker thread (see ``assistant.worker``), so
+implementations need no locking of their own.
+
+The generation loop, the sampler and the speculative-decoding engine all live
+in ``assistant/`` and are shared by every backend: a backend only has to turn
+tokens into logits (``forward``), roll its cache back (``truncate``) and speak
+its model's tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import abc
+import codecs
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+
+class BackendError(Exception):
+    """Base class of errors a backend raises with a message meant for users."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend's library is not installed or cannot run on this machine."""
+
+
+class ModelLoadError(BackendError):
+    """The model file is missing, unreadable, corrupt or of an unsupported kind."""
+
+
+class ContextOverflowError(BackendError):
+    """More tokens were asked for than the model's context window holds."""
+
+    def __init__(self, message: str, *, needed: int, available: int):
+        super().__init__(message)
+        self.needed = needed
+        self.available = available
+
+
+@dataclass
+class LoadOptions:
+    """How to load a model. ``None`` means: let the backend pick from the machine."""
+
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    n_batch: int | None = None
+    chat_template: str | None = None  # overrides the template in the model file
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelInfo:
+    """What a loaded model is. Sent to clients as-is by ``models.list``."""
+
+    name: str
+    path: str
+    backend: str
+    architecture: str
+    context_length: int  # the context window in use (n_ctx)
+    train_context_length: int  # what the model was trained for
+    vocab_size: int
+    chat_template: str | None
+    template_source: str  # "model" | "config" | "fallback"
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    modalities: list[str] = field(default_factory=lambda: ["text"])
+    size_bytes: int = 0
+    quantization: str | None = None
+    n_threads: int = 0
+    n_params: int | None = None
+    choices: dict[str, str] = field(default_factory=dict)  # setting -> why it was picked
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("chat_template", None)  # large; clients ask for it explicitly
+        return data
+
+
+class Backend(abc.ABC):
+    """One loaded model behind a common interface.
+
+    Token positions: the KV cache holds ``cached_tokens``; ``forward`` appends
+    to it, ``truncate`` cuts it back. Callers that want to reuse a prefix
+    compare their prompt with ``cached_tokens``, ``truncate`` to the common
+    prefix and ``forward`` the rest.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def availability(cls) -> tuple[bool, str]:
+        """Whether this backend can run here, and a human reason either way."""
+
+    @abc.abstractmethod
+    def load(self, path: str, options: LoadOptions | None = None) -> ModelInfo:
+        """Load the model at ``path``. Raises ``ModelLoadError`` with a clear message."""
+
+    @abc.abstractmethod
+    def unload(self) -> None:
+        """Free the model and its cache. Safe to call twice."""
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> ModelInfo:
+        """Metadata of the loaded model."""
+
+    # -- tokenizer -----------------------------------------------------------
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Text to token ids. ``special`` parses control tokens written in the text."""
+
+    @abc.abstractmethod
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes one token stands for (may be part of a UTF-8 character)."""
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Token ids to text, replacing invalid UTF-8."""
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    @abc.abstractmethod
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, end-of-turn)."""
+
+    @abc.abstractmethod
+    def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        """Render messages with the model's own chat template (or the fallback)."""
+
+    # -- the two primitives generation and speculative decoding are built on --
+
+    @property
+    @abc.abstractmethod
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values are in the cache, in order."""
+
+    @abc.abstractmethod
+    def forward(self, tokens: Sequence[int], logits_at: Sequence[int] | None = None) -> np.ndarray:
+        """Append ``tokens`` to the cache and return logits.
+
+        ``logits_at`` are indices into ``tokens`` (default: only the last one).
+        Returns a float32 array of shape ``(len(logits_at), vocab_size)``; row i
+        is the distribution of the token that follows ``tokens[logits_at[i]]``.
+        Only the asked-for rows are computed and copied. Raises
+        ``ContextOverflowError`` if the cache would exceed the context window.
+        """
+
+    @abc.abstractmethod
+    def truncate(self, n: int) -> None:
+        """Keep only the first ``n`` cached tokens."""
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text without splitting UTF-8 characters.
+
+    Bytes of a character split across tokens are held back until the
+    character is complete.
+    """
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self._backend.token_bytes(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
