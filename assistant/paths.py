@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import platformdirs
@@ -39,7 +40,10 @@ def runtime_dir() -> Path:
     usable parent (root in a container has no /run/user/0) we fall back to a
     per-user folder in the temp dir. The caller creates it with mode 0700.
     """
-    path = Path(platformdirs.user_runtime_dir(APP, appauthor=False))
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset; the fallback below covers it.
+        warnings.simplefilter("ignore")
+        path = Path(platformdirs.user_runtime_dir(APP, appauthor=False))
     if path.parent.is_dir() and os.access(path.parent, os.W_OK):
         return path
     return Path(tempfile.gettempdir()) / f"{APP}-{os.getuid()}"

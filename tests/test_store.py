@@ -22,7 +22,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "data" / "assistant.db"
+    return tmp_path / "store" / "assistant.db"
 
 
 @pytest.fixture

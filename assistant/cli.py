@@ -1,0 +1,447 @@
+"""The ``assistant`` command.
+
+Every subcommand that talks to the daemon goes through ``assistant.client``;
+``--socket``/``ASSISTANT_SOCKET`` and ``--config``/``ASSISTANT_CONFIG`` apply
+to all of them. Heavy imports (numpy, llama.cpp) happen only in ``serve``
+and ``doctor``, so client commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .protocol import RPCError
+
+
+class CLIError(Exception):
+    """A failure to report as one line on stderr with exit status 1."""
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _human_bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _load_config(args: argparse.Namespace):
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(paths.config_path(args.config) if args.config else None)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+
+
+async def _connect(args: argparse.Namespace, *, start: bool = False):
+    from .client import Client, DaemonNotRunning, DaemonStartError
+
+    def starting() -> None:
+        print("starting the assistant daemon (first start loads the model)...", file=sys.stderr, flush=True)
+
+    try:
+        return await Client.connect(args.socket, client_name="assistant-cli", start=start,
+                                    config_path=args.config, on_starting=starting)
+    except DaemonNotRunning as exc:
+        raise CLIError(f"{exc}; start one with `assistant daemon start`") from None
+    except DaemonStartError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _run(coro) -> Any:
+    return asyncio.run(coro)
+
+
+# -- serve / daemon -------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .daemon import Daemon, DaemonError
+    from .logs import setup_logging
+
+    try:
+        config = load_config(paths.config_path(args.config) if args.config else None)
+    except ConfigError as exc:
+        print(f"error: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level or config.log_level, stderr=not args.quiet)
+    daemon = Daemon(config, socket_path=paths.socket_path(args.socket))
+    try:
+        asyncio.run(daemon.run())
+    except DaemonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from .client import DaemonStartError, start_daemon
+
+    sock = paths.socket_path(args.socket)
+    if args.action == "start":
+        try:
+            info = _run(_status(args))
+            print(f"already running (pid {info['pid']}) on {sock}")
+            return 0
+        except CLIError:
+            pass
+        _load_config(args)  # refuse early, with the config error, rather than in the log
+        try:
+            pid = start_daemon(sock, config_path=args.config)
+        except DaemonStartError as exc:
+            raise CLIError(str(exc)) from None
+        print(f"started (pid {pid}) on {sock}")
+        return 0
+    if args.action == "stop":
+        try:
+            info = _run(_status(args))
+        except CLIError:
+            print("not running")
+            return 0
+        _run(_call(args, "shutdown"))
+        _wait_gone(sock, int(info["pid"]))
+        print(f"stopped (pid {info['pid']})")
+        return 0
+    # status
+    try:
+        info = _run(_status(args))
+    except CLIError:
+        if args.json:
+            _print_json({"running": False, "socket": str(sock)})
+        else:
+            print(f"not running (socket {sock})")
+        return 3
+    if args.json:
+        _print_json({"running": True, **info})
+    else:
+        print(f"running (pid {info['pid']}) on {info['socket']}, up {info['uptime_s']:.0f} s")
+    return 0
+
+
+def _wait_gone(sock: Path, pid: int, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.05)
+
+
+async def _status(args: argparse.Namespace) -> dict[str, Any]:
+    client = await _connect(args)
+    try:
+        return await client.call("status")
+    finally:
+        await client.close()
+
+
+async def _call(args: argparse.Namespace, method: str, params: dict[str, Any] | None = None, *, start: bool = False):
+    client = await _connect(args, start=start)
+    try:
+        return await client.call(method, params or {})
+    finally:
+        await client.close()
+
+
+# -- ask ------------------------------------------------------------------------
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    prompt = " ".join(args.prompt)
+    if not prompt or prompt == "-":
+        if sys.stdin.isatty():
+            raise CLIError("give a prompt, or pipe one on stdin")
+        prompt = sys.stdin.read()
+    params = {
+        "prompt": prompt, "model": args.model, "system": args.system, "temperature": args.temperature,
+        "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
+        "max_tokens": args.max_tokens, "seed": args.seed, "session": args.session,
+    }
+    if args.stop:
+        params["stop"] = args.stop
+    return _run(_ask(args, params))
+
+
+async def _ask(args: argparse.Namespace, params: dict[str, Any]) -> int:
+    client = await _connect(args, start=not args.no_start)
+    loop = asyncio.get_running_loop()
+    try:
+        stream = await client.chat(**params)
+        # Ctrl-C cancels the reply (the daemon answers with what it had) instead of killing us.
+        loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(stream.cancel()))
+        async for text in stream:
+            if not args.json:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        result = await stream.result()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        await client.close()
+    if args.json:
+        _print_json(result)
+    else:
+        if not result["text"].endswith("\n"):
+            sys.stdout.write("\n")
+        if result["finish_reason"] == "cancelled":
+            print("[cancelled]", file=sys.stderr)
+        elif result["stats"].get("context_full"):
+            print("[stopped: the context window is full]", file=sys.stderr)
+    return 130 if result["finish_reason"] == "cancelled" else 0
+
+
+# -- models / status / sessions ---------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        data = _run(_call(args, "models.list", start=False)) if _daemon_up(args) else _local_models(args)
+        if args.json:
+            _print_json(data)
+            return 0
+        loaded = {m["name"]: m for m in data.get("loaded", [])}
+        print(f"{'NAME':<22} {'STATE':<10} {'SIZE':>10}  PATH")
+        for m in data["available"]:
+            state = loaded[m["name"]]["state"] if m["name"] in loaded else ("present" if m.get("present") else "absent")
+            mark = "*" if m["name"] == data.get("default") else " "
+            print(f"{mark}{m['name']:<21} {state:<10} {_human_bytes(m.get('size_bytes')):>10}  {m.get('path')}")
+        for name, m in loaded.items():
+            if name not in {a["name"] for a in data["available"]}:
+                print(f" {name:<21} {m['state']:<10} {'':>10}  {m['path']}")
+        return 0
+    if args.action == "load":
+        params = {"model": args.model, "backend": args.backend, "context": args.context, "threads": args.threads}
+        data = _run(_call(args, "models.load", {k: v for k, v in params.items() if v is not None}, start=True))
+        if args.json:
+            _print_json(data)
+        else:
+            info = data.get("info", {})
+            print(f"loaded {data['name']} with {data['backend']}: {info.get('architecture')}, "
+                  f"context {info.get('context_length')}, {info.get('n_threads')} threads")
+        return 0
+    data = _run(_call(args, "models.unload", {"model": args.model}))
+    if args.json:
+        _print_json(data)
+    else:
+        print(f"unloaded {data['unloaded']}")
+    return 0
+
+
+def _daemon_up(args: argparse.Namespace) -> bool:
+    import socket as _socket
+
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        s.connect(str(paths.socket_path(args.socket)))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _local_models(args: argparse.Namespace) -> dict[str, Any]:
+    from .models import list_models
+
+    config = _load_config(args)
+    return {"loaded": [], "available": list_models(config), "default": config.model}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = _run(_status(args))
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"daemon {data['daemon_version']} (pid {data['pid']}), up {data['uptime_s']:.0f} s")
+    print(f"socket:   {data['socket']}")
+    print(f"database: {data['database']}")
+    print(f"config:   {data['config'] or '(defaults)'}")
+    print(f"clients:  {data['connections']}, requests in flight: {data['requests_in_flight']}")
+    if not data["models"]:
+        print("models:   none loaded" + (f" (loading {', '.join(data['loading'])})" if data["loading"] else ""))
+    for m in data["models"]:
+        info = m.get("info", {})
+        extra = f"context {info.get('context_length')}, {info.get('n_threads')} threads" if info else m.get("error", "")
+        print(f"model:    {m['name']} [{m['state']}] via {m['backend']}: {extra}")
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        data = _run(_call(args, "sessions.list", start=True))
+        if args.json:
+            _print_json(data)
+            return 0
+        for s in data["sessions"]:
+            print(f"{s['id']:<16} {s['message_count']:>4} msgs  {s.get('title') or ''}")
+        return 0
+    if args.action == "show":
+        data = _run(_call(args, "sessions.get", {"id": args.id}, start=True))
+        if args.json:
+            _print_json(data)
+        else:
+            for m in data["messages"]:
+                print(f"[{m['role']}] {m['content']}\n")
+        return 0
+    if args.action == "export":
+        data = _run(_call(args, "sessions.export", {"id": args.id}, start=True))
+        print(data["markdown"])
+        return 0
+    data = _run(_call(args, "sessions.delete", {"id": args.id}, start=True))
+    print(f"deleted {data['deleted']}")
+    return 0
+
+
+# -- config / doctor ----------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import ConfigError, dump_effective, load_config
+
+    path = paths.config_path(args.config)
+    if args.action == "path":
+        print(path)
+        return 0
+    try:
+        config = load_config(path if (args.config or os.environ.get("ASSISTANT_CONFIG")) else None)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.action == "check":
+        print(f"ok: {config.source}" if config.source else f"ok: no file at {path}; using defaults")
+        return 0
+    print(dump_effective(config), end="")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import diagnose, render
+
+    report = diagnose(args)
+    if args.json:
+        _print_json(report)
+    else:
+        print(render(report))
+    return 0 if report["ok"] else 1
+
+
+# -- the parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__ as VERSION
+
+    p = argparse.ArgumentParser(prog="assistant", description="A local AI assistant: daemon, CLI and terminal UI.")
+    p.add_argument("--version", action="version", version=f"assistant {VERSION}")
+    p.add_argument("--socket", help="daemon socket (default: $ASSISTANT_SOCKET or the user runtime dir)")
+    p.add_argument("--config", help="config file (default: $ASSISTANT_CONFIG or config.yaml in the user config dir)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the daemon in the foreground")
+    s.add_argument("--quiet", action="store_true", help="log only to the log file, not stderr")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("daemon", help="start, stop or check the background daemon")
+    s.add_argument("action", choices=["start", "stop", "status"])
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_daemon)
+
+    s = sub.add_parser("ask", help="ask a question; the answer streams to stdout")
+    s.add_argument("prompt", nargs="*", help="the prompt ('-' or nothing: read stdin)")
+    s.add_argument("--model", "-m", help="model alias or GGUF path (default: the config's model)")
+    s.add_argument("--system", "-s", help="system prompt")
+    s.add_argument("--temperature", "-t", type=float)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--min-p", type=float)
+    s.add_argument("--repeat-penalty", type=float)
+    s.add_argument("--max-tokens", "-n", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--session", help="session id: keeps a multi-turn conversation (created if new)")
+    s.add_argument("--json", action="store_true", help="print one JSON object (text, stats) at the end")
+    s.add_argument("--no-start", action="store_true", help="fail instead of starting a daemon")
+    s.set_defaults(func=cmd_ask)
+
+    s = sub.add_parser("models", help="list, load or unload models")
+    ms = s.add_subparsers(dest="action", required=True)
+    m = ms.add_parser("list", help="aliases, paths and what is loaded")
+    m.add_argument("--json", action="store_true")
+    m = ms.add_parser("load", help="load a model in the daemon")
+    m.add_argument("model")
+    m.add_argument("--backend", help="auto, llama.cpp, ...")
+    m.add_argument("--context", type=int)
+    m.add_argument("--threads", type=int)
+    m.add_argument("--json", action="store_true")
+    m = ms.add_parser("unload", help="unload a model")
+    m.add_argument("model")
+    m.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("status", help="what the daemon is doing")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("doctor", help="this machine, the chosen backend and why, and whether the model fits")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("config", help="where the config is, what it says, whether it is valid")
+    s.add_argument("action", choices=["path", "show", "check"])
+    s.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("sessions", help="list, show, export or delete chat sessions")
+    ss = s.add_subparsers(dest="action", required=True)
+    m = ss.add_parser("list")
+    m.add_argument("--json", action="store_true")
+    for name in ("show", "export", "delete"):
+        m = ss.add_parser(name)
+        m.add_argument("id")
+        m.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_sessions)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except RPCError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Turning logits into a token: one sampler shared by every backend.
+
+It works on the numpy rows that ``Backend.forward`` returns, so the
+generation loop and the speculative engine sample identically whatever the
+backend. ``distribution`` exposes the final probabilities (after penalties,
+temperature and truncation) because rejection sampling needs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import numpy as np
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings of one request; defaults match config.example.yaml."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names and v is not None})
+
+
+class Sampler:
+    """Samples from logits with the llama.cpp order of operations:
+    repeat penalty, then top-k, temperature, top-p, min-p."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def _penalised(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        p = self.params
+        if p.repeat_penalty == 1.0 or not history or p.repeat_last_n == 0:
+            return logits
+        recent = np.unique(np.asarray(history[-p.repeat_last_n :], dtype=np.int64))
+        out = logits.astype(np.float32, copy=True)
+        vals = out[recent]
+        out[recent] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+        return out
+
+    def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate token ids and their probabilities (summing to 1).
+
+        For greedy settings this is the single argmax token with probability 1.
+        """
+        p = self.params
+        logits = self._penalised(logits, history)
+        if p.greedy:
+            return np.array([int(np.argmax(logits))]), np.array([1.0])
+        vocab = logits.shape[-1]
+        if 0 < p.top_k < vocab:
+            # argpartition is O(V); only the k survivors get sorted below.
+            cand = np.argpartition(logits, vocab - p.top_k)[vocab - p.top_k :]
+        else:
+            cand = np.arange(vocab)
+        scaled = logits[cand].astype(np.float64) / p.temperature
+        order = np.argsort(-scaled, kind="stable")
+        cand, scaled = cand[order], scaled[order]
+        probs = np.exp(scaled - scaled[0])
+        probs /= probs.sum()
+        keep = len(probs)
+        if p.top_p < 1.0:
+            # Keep the smallest prefix whose mass reaches top_p (at least one token).
+            keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
+        if p.min_p > 0.0:
+            keep = min(keep, max(1, int(np.count_nonzero(probs >= p.min_p * probs[0]))))
+        cand, probs = cand[:keep], probs[:keep]
+        return cand, probs / probs.sum()
+
+    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        p = self.params
+        if p.greedy and (p.repeat_penalty == 1.0 or not history):
+            return int(np.argmax(logits))  # the hot path: no copies
+        cand, probs = self.distribution(logits, history)
+        if len(cand) == 1:
+            return int(cand[0])
+        return int(cand[self.choice(probs)])
+
+    def choice(self, probs: np.ndarray) -> int:
+        """Index drawn from ``probs`` with this sampler's seeded generator."""
+        idx = int(np.searchsorted(np.cumsum(probs), self.rng.random() * probs.sum(), side="right"))
+        return min(idx, len(probs) - 1)

@@ -1,0 +1,118 @@
+"""A small reader of GGUF file headers: metadata without loading the model.
+
+Used by ``assistant doctor`` (will the model fit? how big is its KV cache?)
+and by backends that need the metadata before, or instead of, llama.cpp.
+Spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .base import ModelLoadError
+
+GGUF_MAGIC = b"GGUF"
+
+# value type -> struct format (scalars); 8 = string, 9 = array
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+# general.file_type -> name (llama.cpp's llama_ftype)
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+              11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+              17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO, path: Path):
+        self.f, self.path = f, path
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise ModelLoadError(f"{self.path}: truncated GGUF header (file ends early)")
+        return data
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > 1 << 28:
+            raise ModelLoadError(f"{self.path}: corrupt GGUF header (string of {n} bytes)")
+        return self.read(n).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, keep_arrays: bool) -> Any:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            etype, count = self.unpack("<I"), self.unpack("<Q")
+            if count > 1 << 28:
+                raise ModelLoadError(f"{self.path}: corrupt GGUF header (array of {count} items)")
+            if etype in _SCALARS and not keep_arrays:
+                self.f.seek(struct.calcsize(_SCALARS[etype]) * count, 1)
+                return {"array_of": etype, "length": count}
+            items = [self.value(etype, keep_arrays) for _ in range(count)]
+            return items if keep_arrays else {"array_of": etype, "length": count}
+        raise ModelLoadError(f"{self.path}: corrupt GGUF header (unknown value type {vtype})")
+
+
+def read_metadata(path: str | Path, *, keep_arrays: bool = False) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file.
+
+    Arrays (the tokenizer's vocabulary, merges, ...) are summarised as
+    ``{"array_of": type, "length": n}`` unless ``keep_arrays``. Raises
+    ``ModelLoadError`` for a missing file, a non-GGUF file or a damaged header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            r = _Reader(f, path)
+            magic = f.read(4)
+            if magic != GGUF_MAGIC:
+                raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, expected b'GGUF')")
+            version = r.unpack("<I")
+            if version not in (2, 3):
+                raise ModelLoadError(f"{path}: unsupported GGUF version {version}")
+            n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+            meta: dict[str, Any] = {"gguf.version": version, "gguf.tensor_count": n_tensors}
+            for _ in range(n_kv):
+                key = r.string()
+                meta[key] = r.value(r.unpack("<I"), keep_arrays)
+            return meta
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def kv_bytes_per_token(meta: dict[str, Any], bytes_per_value: int = 2) -> int | None:
+    """Size of one token's keys and values (f16 cache) from the metadata, if known."""
+    arch = meta.get("general.architecture")
+    try:
+        layers = int(meta[f"{arch}.block_count"])
+        n_embd = int(meta[f"{arch}.embedding_length"])
+        n_head = int(meta[f"{arch}.attention.head_count"])
+        n_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_head))
+        k_len = int(meta.get(f"{arch}.attention.key_length", n_embd // n_head))
+        v_len = int(meta.get(f"{arch}.attention.value_length", n_embd // n_head))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return layers * n_kv * (k_len + v_len) * bytes_per_value
+
+
+def summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The handful of facts people ask about a model file."""
+    arch = meta.get("general.architecture")
+    ftype = meta.get("general.file_type")
+    return {
+        "architecture": arch,
+        "name": meta.get("general.name"),
+        "context_length": meta.get(f"{arch}.context_length"),
+        "quantization": FILE_TYPES.get(ftype, str(ftype) if ftype is not None else None),
+        "has_chat_template": "tokenizer.chat_template" in meta,
+        "kv_bytes_per_token": kv_bytes_per_token(meta),
+    }

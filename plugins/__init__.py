@@ -1,0 +1,1 @@
+"""Built-in plugins (filewatch, vision, audio), loaded exactly like third-party ones."""
