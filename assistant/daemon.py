@@ -258,7 +258,8 @@ class Daemon:
 
     async def _load(self, name: str, backend: str | None, context: int | None, threads: int | None) -> ModelWorker:
         try:
-            spec = resolve_model(name, self.config)
+            # Off the event loop: the first use of a built-in may assemble and hash a file.
+            spec = await asyncio.get_running_loop().run_in_executor(None, resolve_model, name, self.config)
         except ModelNotFoundError as exc:
             raise RPCError(ErrorCode.MODEL_NOT_FOUND, str(exc)) from None
         except ModelLoadError as exc:
