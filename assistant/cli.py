@@ -56,7 +56,7 @@ async def _connect(args: argparse.Namespace, *, start: bool = False):
 
     try:
         return await Client.connect(args.socket, client_name="assistant-cli", start=start,
-                                    config_path=args.config, on_starting=starting)
+                                    config_path=args.config, on_starting=starting, flags=_serve_flags(args))
     except DaemonNotRunning as exc:
         raise CLIError(f"{exc}; start one with `assistant daemon start`") from None
     except DaemonStartError as exc:
@@ -81,13 +81,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: refusing to start: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level or config.log_level, stderr=not args.quiet)
-    daemon = Daemon(config, socket_path=paths.socket_path(args.socket))
+    daemon = Daemon(config, socket_path=paths.socket_path(args.socket), plugins=_plugin_host(args, config))
     try:
         asyncio.run(daemon.run())
     except DaemonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _plugin_host(args: argparse.Namespace, config):
+    from .plugins import PluginHost, allow_list_from_env, plugin_dirs
+
+    return PluginHost(settings=config.plugins, dirs=plugin_dirs(config.plugin_dirs), allow=allow_list_from_env(),
+                      enabled=not args.no_plugins, trace=True if args.trace_plugins else None).load()
+
+
+def _serve_flags(args: argparse.Namespace) -> list[str]:
+    """Global flags a background daemon must inherit."""
+    return [f for f, on in (("--no-plugins", args.no_plugins), ("--trace-plugins", args.trace_plugins)) if on]
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -103,7 +115,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             pass
         _load_config(args)  # refuse early, with the config error, rather than in the log
         try:
-            pid = start_daemon(sock, config_path=args.config)
+            pid = start_daemon(sock, config_path=args.config, flags=_serve_flags(args))
         except DaemonStartError as exc:
             raise CLIError(str(exc)) from None
         print(f"started (pid {pid}) on {sock}")
@@ -312,6 +324,61 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- plugins / skills ---------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    if args.action == "new":
+        from .scaffold import ScaffoldError, new_plugin
+
+        try:
+            path = new_plugin(args.name, Path(args.dir))
+        except ScaffoldError as exc:
+            raise CLIError(str(exc)) from None
+        print(f"created {path}\nnext: pip install -e {path} && pytest {path}")
+        return 0
+    if _daemon_up(args):
+        plugins = _run(_call(args, "plugins.list"))["plugins"]
+        where = "daemon"
+    else:
+        plugins = _plugin_host(args, _load_config(args)).list()
+        where = "local (no daemon running)"
+    if args.json:
+        _print_json({"plugins": plugins, "from": where})
+        return 0
+    print(f"{'NAME':<20} {'STATUS':<9} {'VERSION':<10} SOURCE")
+    for p in plugins:
+        print(f"{p['name']:<20} {p['status']:<9} {p['version'] or '-':<10} {p['source']}")
+        if p["hooks"]:
+            print(f"{'':<20} hooks: {', '.join(p['hooks'])}")
+        if p["error"]:
+            print(f"{'':<20} error: {p['error']}")
+        for problem in p["problems"]:
+            print(f"{'':<20} problem: {problem}")
+    return 0
+
+
+def cmd_skills(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        skills = _run(_call(args, "skills.list", start=True))["skills"]
+        if args.json:
+            _print_json({"skills": skills})
+        else:
+            for sk in skills:
+                print(f"{sk['name']:<24} {sk['plugin']:<16} {sk['description'].splitlines()[0] if sk['description'] else ''}")
+        return 0
+    try:
+        arguments = json.loads(args.arguments) if args.arguments else {}
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"arguments must be a JSON object: {exc}") from None
+    result = _run(_call(args, "skills.call", {"name": args.name, "arguments": arguments}, start=True))["result"]
+    if args.json or not isinstance(result, str):
+        _print_json(result)
+    else:
+        print(result)
+    return 0
+
+
 # -- config / doctor ----------------------------------------------------------------
 
 
@@ -355,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"assistant {VERSION}")
     p.add_argument("--socket", help="daemon socket (default: $ASSISTANT_SOCKET or the user runtime dir)")
     p.add_argument("--config", help="config file (default: $ASSISTANT_CONFIG or config.yaml in the user config dir)")
+    p.add_argument("--no-plugins", action="store_true", help="load no plugins (the core backends stay)")
+    p.add_argument("--trace-plugins", action="store_true", help="log every plugin hook call with its duration")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the daemon in the foreground")
@@ -420,11 +489,54 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument("id")
         m.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_sessions)
+
+    s = sub.add_parser("plugins", help="list plugins, or write a new one")
+    ps = s.add_subparsers(dest="action", required=True)
+    m = ps.add_parser("list", help="name, version, source, hooks, status and errors")
+    m.add_argument("--json", action="store_true")
+    m = ps.add_parser("new", help="write a working plugin package (pyproject, one skill, one test)")
+    m.add_argument("name")
+    m.add_argument("--dir", default=".", help="where to create it (default: here)")
+    s.set_defaults(func=cmd_plugins)
+
+    s = sub.add_parser("skills", help="list or call plugins' skills")
+    ks = s.add_subparsers(dest="action", required=True)
+    m = ks.add_parser("list")
+    m.add_argument("--json", action="store_true")
+    m = ks.add_parser("call")
+    m.add_argument("name")
+    m.add_argument("arguments", nargs="?", help="a JSON object")
+    m.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_skills)
     return p
 
 
+def _add_plugin_commands(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Let plugins add subcommands (register_commands). Skipped with --no-plugins."""
+    if "--no-plugins" in argv:
+        return
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    try:
+        from .config import ConfigError, load_config
+
+        explicit = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+        config = load_config(paths.config_path(explicit) if explicit else None)
+    except ConfigError:
+        return  # the command itself will report the config error
+    except Exception:  # noqa: BLE001 - a broken config must not break --help
+        return
+    from .plugins import PluginHost, allow_list_from_env, plugin_dirs
+
+    host = PluginHost(settings=config.plugins, dirs=plugin_dirs(config.plugin_dirs), allow=allow_list_from_env(),
+                      trace="--trace-plugins" in argv).load()
+    host.call("register_commands", cli=sub)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
+    if _wants_plugin_command(argv):
+        _add_plugin_commands(parser, argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -441,6 +553,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+_CORE_COMMANDS = {"serve", "daemon", "ask", "models", "status", "doctor", "config", "sessions", "plugins", "skills",
+                  "tui"}
+
+
+def _wants_plugin_command(argv: list[str]) -> bool:
+    """Load plugins for the parser only when the command is not a core one (or for
+    help), so core commands start fast."""
+    words = [a for a in argv if not a.startswith("-")]
+    # values of --socket/--config are not commands
+    for flag in ("--socket", "--config"):
+        if flag in argv:
+            i = argv.index(flag)
+            if i + 1 < len(argv) and argv[i + 1] in words:
+                words.remove(argv[i + 1])
+    return (not words and ("-h" in argv or "--help" in argv)) or (bool(words) and words[0] not in _CORE_COMMANDS)
 
 
 if __name__ == "__main__":

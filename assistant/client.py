@@ -104,6 +104,7 @@ class Client:
         config_path: str | os.PathLike | None = None,
         start_timeout: float = 60.0,
         on_starting: Callable[[], None] | None = None,
+        flags: list[str] | None = None,
     ) -> "Client":
         """Connect and ``initialize``. With ``start=True`` a missing daemon is started."""
         sock = paths.socket_path(socket_path)
@@ -115,7 +116,7 @@ class Client:
             if on_starting is not None:
                 on_starting()
             await asyncio.get_running_loop().run_in_executor(
-                None, lambda: start_daemon(sock, config_path=config_path, timeout=start_timeout))
+                None, lambda: start_daemon(sock, config_path=config_path, timeout=start_timeout, flags=flags))
             client = await cls._open(sock)
         try:
             client.server_info = await client.call(
@@ -242,14 +243,16 @@ def _chain(src: asyncio.Future, dst: asyncio.Future) -> None:
 # -- starting a daemon in the background --------------------------------------
 
 
-def daemon_command(sock: Path, config_path: str | os.PathLike | None = None) -> list[str]:
+def daemon_command(sock: Path, config_path: str | os.PathLike | None = None,
+                   flags: list[str] | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "assistant", "--socket", str(sock)]
     if config_path:
         cmd += ["--config", str(config_path)]
-    return cmd + ["serve", "--quiet"]
+    return cmd + list(flags or []) + ["serve", "--quiet"]
 
 
-def start_daemon(sock: Path, *, config_path: str | os.PathLike | None = None, timeout: float = 60.0) -> int:
+def start_daemon(sock: Path, *, config_path: str | os.PathLike | None = None, timeout: float = 60.0,
+                 flags: list[str] | None = None) -> int:
     """Start ``assistant serve`` detached and wait until it answers on ``sock``.
 
     Returns its pid. Raises DaemonStartError with the end of its log if it
@@ -261,7 +264,7 @@ def start_daemon(sock: Path, *, config_path: str | os.PathLike | None = None, ti
     log_path.mkdir(parents=True, exist_ok=True)
     out = open(log_path / "daemon.stderr", "ab")
     start_at = out.tell()
-    proc = subprocess.Popen(daemon_command(sock, config_path), stdin=subprocess.DEVNULL, stdout=out,
+    proc = subprocess.Popen(daemon_command(sock, config_path, flags), stdin=subprocess.DEVNULL, stdout=out,
                             stderr=out, start_new_session=True, close_fds=True)
     out.close()
     deadline = time.monotonic() + timeout

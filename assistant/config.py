@@ -100,7 +100,9 @@ class Field:
 
     def expected(self) -> str:
         """What a valid value looks like, in words, for error messages."""
-        if self.kind in ("section", "map"):
+        if self.kind == "any":
+            text = "any value"
+        elif self.kind in ("section", "map"):
             text = "a mapping"
         elif self.kind == "list":
             text = "a list"
@@ -199,6 +201,11 @@ SCHEMA: dict[str, Field] = {
     "generation": Field("section", doc="Sampling defaults.", fields=GENERATION_FIELDS, cls=GenerationDefaults),
     "models": Field("map", doc="Model aliases: name -> settings.",
                     item=Field("section", fields=MODEL_FIELDS, cls=ModelEntry)),
+    "plugin_dirs": Field("list", None, "Folders of single-file plugins (*.py); empty means "
+                         "plugins/ in the config dir. ASSISTANT_PLUGIN_DIR overrides it.",
+                         item=Field("str", expand_user=True)),
+    "plugins": Field("map", doc="Per-plugin settings: plugin name -> anything; handed to the plugin's hooks "
+                     "as `settings`.", item=Field("any", None)),
 }
 
 
@@ -217,6 +224,8 @@ class Config:
     max_line_bytes: int = SCHEMA["max_line_bytes"].default
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     models: dict[str, ModelEntry] = field(default_factory=dict)
+    plugin_dirs: list[str] = field(default_factory=list)
+    plugins: dict[str, Any] = field(default_factory=dict)
     # Not a config key: the file this came from, None when none existed.
     source: Path | None = None
 
@@ -333,6 +342,8 @@ class _Checker:
         if spec.kind == "map":
             return {name: self.value(spec.item, vnode, _join(key, name), kmark)
                     for name, vnode, kmark in self.pairs(spec, node, key)}
+        if spec.kind == "any":  # free-form data handed on as is (plugin settings)
+            return spec.default if node is None else self.loader.construct_object(node, deep=True)
         if spec.kind == "list":
             if node is None or _is_null(node):
                 return list(spec.default or [])

@@ -13,7 +13,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import fnmatch
+import inspect
 import errno
 import fcntl
 import logging
@@ -24,13 +27,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from backends import backend_names, get_backend_class
+from backends import backend_names, get_backend_class, register_backend
 from backends.base import BackendUnavailable, ContextOverflowError, LoadOptions, ModelLoadError
 
 from . import __version__, hardware, paths
 from .config import Config
 from .generation import generate
 from .models import ModelNotFoundError, list_models, resolve_model
+from .plugins import PluginHost, allow_list_from_env, plugin_dirs
 from .protocol import PROTOCOL_VERSION, ErrorCode, RPCError
 from .sampling import SamplingParams
 from .server import Request, RPCServer
@@ -125,8 +129,15 @@ def _as_auto(value: Any) -> int | None:
 # -- the daemon --------------------------------------------------------------
 
 
+CORE_METHODS = ("initialize", "status", "chat", "cancel", "shutdown", "models.list", "models.load",
+                "models.unload", "sessions.list", "sessions.get", "sessions.create", "sessions.update",
+                "sessions.delete", "sessions.export", "skills.list", "skills.call", "plugins.list",
+                "events.subscribe", "events.unsubscribe")
+
+
 class Daemon:
-    def __init__(self, config: Config, *, socket_path: Path | None = None, db_path: Path | None = None):
+    def __init__(self, config: Config, *, socket_path: Path | None = None, db_path: Path | None = None,
+                 plugins: PluginHost | None = None):
         self.config = config
         self.socket_path = socket_path or paths.socket_path()
         self.db_path = db_path or paths.database_path()
@@ -140,10 +151,60 @@ class Daemon:
         self._db = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
-        for name in ("initialize", "status", "chat", "cancel", "shutdown", "models.list", "models.load",
-                     "models.unload", "sessions.list", "sessions.get", "sessions.create", "sessions.update",
-                     "sessions.delete", "sessions.export"):
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)
+        self._tasks: set[asyncio.Task] = set()
+        for name in CORE_METHODS:
             self.server.method(name, getattr(self, "m_" + name.replace(".", "_")))
+        if plugins is None:
+            plugins = PluginHost(settings=config.plugins, dirs=plugin_dirs(config.plugin_dirs),
+                                 allow=allow_list_from_env()).load()
+        self.plugins = plugins
+        self.plugins.collect(reserved_methods=set(CORE_METHODS))
+        for name, (target, _plugin) in self.plugins.backends.items():
+            register_backend(name, target)
+        for name, (handler, plugin, _desc) in self.plugins.methods.items():
+            self.server.method(name, self._plugin_method(name, handler, plugin))
+
+    # -- plugins and events ----------------------------------------------------
+
+    def _plugin_method(self, name: str, handler: Callable[..., Any], plugin: str):
+        async def call(req: Request) -> Any:
+            try:
+                if inspect.iscoroutinefunction(handler):
+                    return await handler(req.params)
+                return await asyncio.get_running_loop().run_in_executor(None, handler, req.params)
+            except RPCError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a plugin bug is the caller's error, not a crash
+                log.exception("method %s of plugin %s failed", name, plugin)
+                raise RPCError(ErrorCode.INTERNAL_ERROR,
+                               f"method {name!r} (plugin {plugin}) failed: {type(exc).__name__}: {exc}") from None
+        return call
+
+    def emit(self, type_: str, data: dict[str, Any] | None = None, *, source: str = "daemon") -> dict[str, Any]:
+        """Publish an event: to subscribed clients, to plugins' ``on_event``, and to
+        ``events.subscribe``'s backlog. Callable from the event loop or any thread
+        (sync plugin hooks run in threads)."""
+        event = {"type": type_, "time": time.time(), "source": source, "data": data or {}}
+        try:
+            in_loop = asyncio.get_running_loop() is self.server.loop
+        except RuntimeError:
+            in_loop = False
+        if in_loop:
+            self._publish(event)
+        else:
+            self.server.loop.call_soon_threadsafe(self._publish, event)
+        return event
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self.server.broadcast(event["type"], "event", event)
+        self._spawn(self.plugins.acall("on_event", event=event, daemon=self))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -157,8 +218,17 @@ class Daemon:
             raise DaemonError(str(exc)) from exc
         await self.server.listen(str(self.socket_path))
         log.info("daemon %s listening on %s (pid %d)", VERSION, self.socket_path, os.getpid())
+        loaded = [r.name for r in self.plugins.records.values() if r.status == "loaded"]
+        failed = [r.name for r in self.plugins.records.values() if r.status == "failed"]
+        log.info("plugins: %s%s", ", ".join(loaded) or "none", f"; failed: {', '.join(failed)}" if failed else "")
         if self.config.preload:
             asyncio.ensure_future(self._preload())
+        # Startup hooks run in the background: a slow plugin never delays serving.
+        self._spawn(self._startup_plugins())
+
+    async def _startup_plugins(self) -> None:
+        await self.plugins.acall("startup", daemon=self)
+        self.emit("daemon.started", {"pid": os.getpid(), "socket": str(self.socket_path)})
 
     async def _preload(self) -> None:
         try:
@@ -171,9 +241,9 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
         try:
             await self._stop.wait()
         finally:
@@ -181,6 +251,11 @@ class Daemon:
 
     async def stop(self) -> None:
         log.info("shutting down")
+        self.emit("daemon.stopping", {})
+        try:
+            await asyncio.wait_for(self.plugins.acall("shutdown", daemon=self), 10)
+        except asyncio.TimeoutError:
+            log.warning("plugin shutdown hooks took over 10 s; going on")
         if self.server._server is not None:
             self.server._server.close()  # no new connections
         tasks = [t for c in self.server.connections for t in c.tasks]
@@ -227,10 +302,14 @@ class Daemon:
                 available[name] = get_backend_class(name).availability()
             except Exception as exc:  # noqa: BLE001 - a broken backend module is just unavailable
                 available[name] = (False, str(exc))
-        try:
-            name, _why = hardware.choose_backend(self.machine, requested, available)
-        except ValueError as exc:
-            raise RPCError(ErrorCode.BACKEND_UNAVAILABLE, str(exc)) from None
+        if requested != "auto" and requested in available:
+            name = requested  # pinned; plugin backends are only ever chosen this way
+        else:
+            try:
+                name, _why = hardware.choose_backend(self.machine, requested, available)
+            except ValueError:
+                raise RPCError(ErrorCode.BACKEND_UNAVAILABLE, f"unknown backend {requested!r}; known backends: "
+                               f"auto, {', '.join(available)}") from None
         ok, why = available.get(name, (False, "not installed"))
         if not ok:
             raise RPCError(ErrorCode.BACKEND_UNAVAILABLE, f"backend {name!r} is not available: {why}")
@@ -293,6 +372,7 @@ class Daemon:
             log.exception("loading %s failed", name)
             raise RPCError(ErrorCode.MODEL_LOAD_FAILED, f"could not load {name}: {type(exc).__name__}: {exc}") from None
         log.info("loaded %s: %s, context %d, %d threads", name, info.architecture, info.context_length, info.n_threads)
+        self.emit("model.loaded", {"model": name, "backend": backend_name, "path": str(spec.path)})
         return worker
 
     async def _evict_for_one_more(self) -> None:
@@ -323,7 +403,7 @@ class Daemon:
             "daemon_version": VERSION,
             "pid": os.getpid(),
             "capabilities": sorted(self.server.methods),
-            "plugins": [],
+            "plugins": [r.name for r in self.plugins.records.values() if r.status == "loaded"],
             "default_model": self.config.model,
         }
 
@@ -377,6 +457,7 @@ class Daemon:
         if worker is None:
             raise RPCError(ErrorCode.MODEL_NOT_FOUND, f"model {name!r} is not loaded")
         await worker.unload()
+        self.emit("model.unloaded", {"model": name})
         return {"unloaded": name}
 
     # sessions
@@ -536,4 +617,53 @@ class Daemon:
             status = "complete" if gen.finish_reason != "cancelled" else "cancelled"
             msg = await self.db(self.store.add_message, sid, "assistant", gen.text, stats=stats, status=status)
             reply.update(session=sid, message_id=msg["id"], user_message_id=user_msg["id"] if user_msg else None)
+        self.emit("chat.finished", {"session": sid, "model": worker.key, "finish_reason": gen.finish_reason,
+                                    "completion_tokens": stats.get("completion_tokens"),
+                                    "tokens_per_second": stats.get("tokens_per_second")})
         return reply
+
+    # plugins, skills, events
+
+    async def m_plugins_list(self, req: Request) -> dict[str, Any]:
+        return {"plugins": self.plugins.list()}
+
+    async def m_skills_list(self, req: Request) -> dict[str, Any]:
+        return {"skills": [s.describe() for s in self.plugins.skills.values()]}
+
+    async def m_skills_call(self, req: Request) -> dict[str, Any]:
+        name = param(req.params, "name", str)
+        arguments = param(req.params, "arguments", dict, {})
+        return {"result": await self.call_skill(name, arguments)}
+
+    async def call_skill(self, name: str, arguments: dict[str, Any]) -> Any:
+        """Run a plugin's skill; errors as RPCError (for automations and the model too)."""
+        skill = self.plugins.skills.get(name)
+        if skill is None:
+            raise RPCError(ErrorCode.SKILL_NOT_FOUND, f"no skill {name!r}; known skills: "
+                           f"{', '.join(sorted(self.plugins.skills)) or 'none'}")
+        try:
+            return await self.plugins.call_skill(name, arguments)
+        except ValueError as exc:
+            raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+        except RPCError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("skill %s (plugin %s) failed", name, skill.plugin)
+            raise RPCError(ErrorCode.SKILL_FAILED,
+                           f"skill {name!r} (plugin {skill.plugin}) failed: {type(exc).__name__}: {exc}") from None
+
+    async def m_events_subscribe(self, req: Request) -> dict[str, Any]:
+        types = param(req.params, "types", list, ["*"], lambda v: all(isinstance(t, str) for t in v),
+                      "a list of event type patterns")
+        backlog = param(req.params, "backlog", int, 50, lambda v: v >= 0, "an integer >= 0")
+        req.conn.subscriptions.update(types)
+        recent = [e for e in self.events if any(fnmatch.fnmatchcase(e["type"], t) for t in types)]
+        return {"subscribed": sorted(req.conn.subscriptions), "recent": recent[-backlog:] if backlog else []}
+
+    async def m_events_unsubscribe(self, req: Request) -> dict[str, Any]:
+        types = param(req.params, "types", list, None)
+        if types is None:
+            req.conn.subscriptions.clear()
+        else:
+            req.conn.subscriptions.difference_update(types)
+        return {"subscribed": sorted(req.conn.subscriptions)}

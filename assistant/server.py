@@ -15,6 +15,7 @@ send buffer passes a bound, and its requests are cancelled.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import os
@@ -260,9 +261,9 @@ class RPCServer:
             self.connections.discard(conn)
 
     def broadcast(self, topic: str, method: str, params: dict[str, Any]) -> None:
-        """Send a notification to every client subscribed to ``topic``."""
+        """Send a notification to every client with a subscription pattern matching ``topic``."""
         for conn in list(self.connections):
-            if topic in conn.subscriptions or "*" in conn.subscriptions:
+            if any(fnmatch.fnmatchcase(topic, pattern) for pattern in conn.subscriptions):
                 conn.notify(method, params)
 
     def in_flight(self, exclude: Request | None = None) -> int:

@@ -116,3 +116,48 @@ def summary(meta: dict[str, Any]) -> dict[str, Any]:
         "has_chat_template": "tokenizer.chat_template" in meta,
         "kv_bytes_per_token": kv_bytes_per_token(meta),
     }
+
+
+# ggml_type -> name (ggml.h), for the per-tensor types in the tensor infos
+GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+              11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+              18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8",
+              25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0",
+              39: "MXFP4"}
+
+
+def read_tensor_infos(path: str | Path) -> list[dict[str, Any]]:
+    """Name, shape (GGUF order: innermost dimension first) and type name of every tensor.
+
+    Reads the header only (no tensor data). Raises ``ModelLoadError`` like
+    :func:`read_metadata`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            r = _Reader(f, path)
+            magic = f.read(4)
+            if magic != GGUF_MAGIC:
+                raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, expected b'GGUF')")
+            version = r.unpack("<I")
+            if version not in (2, 3):
+                raise ModelLoadError(f"{path}: unsupported GGUF version {version}")
+            n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+            for _ in range(n_kv):
+                r.string()
+                r.value(r.unpack("<I"), False)
+            infos = []
+            for _ in range(n_tensors):
+                name = r.string()
+                n_dims = r.unpack("<I")
+                if n_dims > 8:
+                    raise ModelLoadError(f"{path}: corrupt GGUF header (tensor {name!r} has {n_dims} dimensions)")
+                shape = [r.unpack("<Q") for _ in range(n_dims)]
+                ttype = r.unpack("<I")
+                r.unpack("<Q")  # offset into the data section
+                infos.append({"name": name, "shape": shape, "type": GGML_TYPES.get(ttype, f"type {ttype}")})
+            return infos
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None

@@ -44,7 +44,6 @@ import importlib.util
 import logging
 import os
 import re
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,33 +64,9 @@ log = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
 DEFAULT_N_BATCH = 512
 
-# ---------------------------------------------------------------------------
-# Fallback chat templates (used only when the model file has none)
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# Gemma's turn format: roles "user" and "model"; a system message is folded
-# into the first user turn (Gemma has no system role).
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if messages and messages[0]['role'] == 'system' %}"
-    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
-    "{% set loop_messages = messages[1:] %}"
-    "{% else %}"
-    "{% set first_user_prefix = '' %}"
-    "{% set loop_messages = messages %}"
-    "{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
+# Fallback chat templates (used only when the model file has none) and the
+# sandboxed Jinja compiler live in chat_template.py, shared with other backends.
+from .chat_template import CHATML_TEMPLATE, GEMMA_TEMPLATE, compile_template  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Lazy access to llama_cpp, and llama.cpp's log
@@ -464,24 +439,7 @@ class LlamaCppBackend(Backend):
 
     @staticmethod
     def _compile(source: str):
-        import json
-
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str):
-            raise jinja2.exceptions.TemplateError(message)
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-        )
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        return env.from_string(source)
+        return compile_template(source)
 
     def unload(self) -> None:
         C = _C

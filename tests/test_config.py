@@ -98,7 +98,11 @@ def test_example_file_documents_every_key():
 def test_example_models_block_is_valid_when_uncommented(tmp_path):
     lines = EXAMPLE.read_text().splitlines()
     start = lines.index("# models:")
-    block = [line[2:] for line in lines[start:] if line.startswith("# ") or line == "#"]
+    block = []
+    for line in lines[start:]:  # the contiguous commented block that starts there
+        if not (line.startswith("# ") or line == "#"):
+            break
+        block.append(line[2:])
     config = load_config(write(tmp_path, "\n".join(block) + "\n"))
     gemma = config.models["gemma"]
     assert gemma.path == str(Path("~/models/gemma-3-4b-it-Q4_K_M.gguf").expanduser())

@@ -13,7 +13,8 @@ import pytest
 
 from assistant.client import Client
 from assistant.protocol import ErrorCode, RPCError
-from conftest import DaemonProcess, run_cli, socket_answers
+from assistant.testing import DaemonProcess, run_cli, short_socket_path, socket_answers
+from conftest import TEST_CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +183,7 @@ def test_socket_and_runtime_dir_are_private(daemon):
 def test_default_runtime_dir_is_0700(daemon_factory, isolated_home):
     from assistant import paths
 
-    d = DaemonProcess(isolated_home, socket_path=paths.socket_path())
+    d = DaemonProcess(isolated_home, socket_path=paths.socket_path(), config_text=TEST_CONFIG)
     d.start()
     try:
         assert stat.S_IMODE(os.stat(paths.runtime_dir()).st_mode) == 0o700
@@ -192,7 +193,7 @@ def test_default_runtime_dir_is_0700(daemon_factory, isolated_home):
 
 
 def test_second_daemon_is_refused_clearly(daemon, isolated_home):
-    second = DaemonProcess(isolated_home, socket_path=daemon.socket)
+    second = DaemonProcess(isolated_home, socket_path=daemon.socket, config_text=TEST_CONFIG)
     second.start(wait=False)
     code = second.wait(60)
     assert code == 1
@@ -341,8 +342,6 @@ def test_cli_ask_streams_plain_text(daemon):
 
 
 def test_cli_ask_starts_a_daemon_when_none_runs(isolated_home):
-    from conftest import short_socket_path
-
     sock = short_socket_path()
     cfg = isolated_home / "config.yaml"
     cfg.write_text("threads: 2\ncontext: 1024\n")
@@ -373,8 +372,6 @@ def test_cli_status_models_doctor_json(daemon):
 
 
 def test_cli_reports_no_daemon_clearly(isolated_home):
-    from conftest import short_socket_path
-
     out = run_cli("status", socket_path=short_socket_path())
     assert out.returncode == 1
     assert "no daemon is listening" in out.stderr and "Traceback" not in out.stderr
