@@ -70,6 +70,29 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX messages_session_id ON messages(session_id, id)",
         "CREATE INDEX sessions_updated ON sessions(updated)",
     ],
+    # 1 -> 2: automation runs (one traced run of a file-watching rule) and
+    # small per-rule state (enabled overrides, the last content seen for diffs).
+    [
+        """
+        CREATE TABLE automation_runs (
+            id       INTEGER PRIMARY KEY AUTOINCREMENT,
+            rule_id  TEXT NOT NULL,
+            started  REAL NOT NULL,
+            finished REAL,
+            status   TEXT NOT NULL,  -- running|ok|error|skipped|dry_run|cancelled
+            trace    TEXT NOT NULL   -- JSON: events, conditions, actions
+        )
+        """,
+        "CREATE INDEX automation_runs_rule ON automation_runs(rule_id, id)",
+        """
+        CREATE TABLE automation_state (
+            rule_id TEXT NOT NULL,
+            key     TEXT NOT NULL,
+            value   TEXT NOT NULL,  -- JSON
+            PRIMARY KEY (rule_id, key)
+        )
+        """,
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -485,6 +508,19 @@ class Store:
             ).fetchall()
         return [self._message_dict(r) for r in rows]
 
+    def delete_messages_from(self, session_id: str, message_id: int) -> int:
+        """Delete message ``message_id`` of the session and every later one (to
+        regenerate or edit a turn); bump ``updated``. Returns how many went.
+        Raises StoreError for a missing session or a message not in it."""
+        with self._write() as conn:
+            if not conn.execute("SELECT 1 FROM messages WHERE id = ? AND session_id = ?",
+                                (int(message_id), session_id)).fetchone():
+                raise StoreError(f"no message {message_id!r} in session {session_id!r}")
+            cur = conn.execute("DELETE FROM messages WHERE session_id = ? AND id >= ?",
+                               (session_id, int(message_id)))
+            conn.execute("UPDATE sessions SET updated = ? WHERE id = ?", (self._now(), session_id))
+            return cur.rowcount
+
     def export_markdown(self, session_id: str) -> str:
         """The conversation as Markdown: a title heading, then one section per message.
 
@@ -508,3 +544,46 @@ class Store:
                 heading += f" _({msg['status']})_"
             parts.append(f"{heading}\n\n{msg['content']}")
         return "\n\n".join(parts) + "\n"
+
+    # -- automation runs ------------------------------------------------------
+
+    @staticmethod
+    def _run_dict(row: sqlite3.Row | tuple) -> dict:
+        id_, rule_id, started, finished, status, trace = row
+        return {"id": id_, "rule_id": rule_id, "started": started, "finished": finished, "status": status,
+                **json.loads(trace)}
+
+    def add_run(self, rule_id: str, status: str, trace: dict) -> int:
+        """Record a run as it starts; returns its id. Committed before returning."""
+        with self._write() as conn:
+            cur = conn.execute("INSERT INTO automation_runs (rule_id, started, status, trace) VALUES (?, ?, ?, ?)",
+                               (rule_id, time.time(), status, self._dump_json(trace, "trace")))
+            return int(cur.lastrowid)
+
+    def finish_run(self, run_id: int, status: str, trace: dict) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE automation_runs SET finished = ?, status = ?, trace = ? WHERE id = ?",
+                         (time.time(), status, self._dump_json(trace, "trace"), run_id))
+
+    def runs(self, rule_id: str | None = None, limit: int = 50) -> list[dict]:
+        """Most recent runs first, of one rule or of all."""
+        with self._read() as conn:
+            if rule_id is None:
+                rows = conn.execute("SELECT id, rule_id, started, finished, status, trace FROM automation_runs "
+                                    "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            else:
+                rows = conn.execute("SELECT id, rule_id, started, finished, status, trace FROM automation_runs "
+                                    "WHERE rule_id = ? ORDER BY id DESC LIMIT ?", (rule_id, limit)).fetchall()
+        return [self._run_dict(r) for r in rows]
+
+    def get_state(self, rule_id: str, key: str, default: Any = None) -> Any:
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM automation_state WHERE rule_id = ? AND key = ?",
+                               (rule_id, key)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_state(self, rule_id: str, key: str, value: Any) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT INTO automation_state (rule_id, key, value) VALUES (?, ?, ?) "
+                         "ON CONFLICT (rule_id, key) DO UPDATE SET value = excluded.value",
+                         (rule_id, key, self._dump_json(value, "state")))

@@ -92,7 +92,10 @@ class DaemonProcess:
 
     def start(self, *, wait: bool = True, timeout: float = 60) -> "DaemonProcess":
         self._err = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=self._err, env=self.env)
+        # cwd is the daemon's own home: a source tree's stale *.egg-info in the
+        # current directory would otherwise shadow the installed entry points.
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=self._err, env=self.env,
+                                     cwd=str(self.home))
         if wait:
             self.wait_ready(timeout)
         return self
@@ -150,7 +153,7 @@ def run_cli(*args: str, socket_path: Path | None = None, config: Path | None = N
     if config is not None:
         cmd += ["--config", str(config)]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, input=input, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+                          env={**os.environ, **(env or {})}, cwd=cwd or tempfile.gettempdir())
 
 
 @pytest.fixture
