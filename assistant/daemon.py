@@ -34,8 +34,10 @@ from . import __version__, hardware, paths
 from .config import Config
 from .generation import generate
 from .models import ModelNotFoundError, list_models, resolve_model
+from .profiles import apply_profile
 from .plugins import PluginHost, allow_list_from_env, plugin_dirs
 from .protocol import PROTOCOL_VERSION, ErrorCode, RPCError
+from . import tools
 from .sampling import SamplingParams
 from .server import Request, RPCServer
 from .store import Store, StoreError
@@ -131,7 +133,7 @@ def _as_auto(value: Any) -> int | None:
 
 CORE_METHODS = ("initialize", "status", "chat", "cancel", "shutdown", "models.list", "models.load",
                 "models.unload", "sessions.list", "sessions.get", "sessions.create", "sessions.update",
-                "sessions.delete", "sessions.export", "skills.list", "skills.call", "plugins.list",
+                "sessions.delete", "sessions.export", "sessions.rewind", "skills.list", "skills.call", "plugins.list",
                 "events.subscribe", "events.unsubscribe")
 
 
@@ -145,6 +147,8 @@ class Daemon:
         self.models: dict[str, ModelWorker] = {}
         self._loading: dict[str, asyncio.Task] = {}
         self.machine = hardware.probe()
+        # The first profile (config `profiles:`) that matches this machine sets backend, model, threads, context.
+        self.config, self.profile = apply_profile(config, self.machine)
         self.started = time.time()
         self.store: Store | None = None
         # SQLite is blocking I/O: it gets a thread of its own, in order.
@@ -344,6 +348,12 @@ class Daemon:
         except ModelLoadError as exc:
             raise RPCError(ErrorCode.MODEL_LOAD_FAILED, str(exc)) from None
         backend_name = self._choose_backend(backend or spec.backend or self.config.backend)
+        try:  # that backend's file (an alias may name one per backend), checked before anything is unloaded
+            spec = await asyncio.get_running_loop().run_in_executor(None, spec.for_backend, backend_name)
+        except ModelNotFoundError as exc:
+            raise RPCError(ErrorCode.MODEL_NOT_FOUND, str(exc)) from None
+        except ModelLoadError as exc:
+            raise RPCError(ErrorCode.MODEL_LOAD_FAILED, str(exc)) from None
         old = self.models.get(name)
         if old is not None:  # reloading with other settings: the old one goes first
             del self.models[name]
@@ -505,6 +515,17 @@ class Daemon:
             raise RPCError(ErrorCode.SESSION_NOT_FOUND, f"no session {sid!r}")
         return {"deleted": sid}
 
+    async def m_sessions_rewind(self, req: Request) -> dict[str, Any]:
+        """Delete a message and every later one of the session (the TUI's regenerate)."""
+        sid = param(req.params, "id", str)
+        mid = param(req.params, "message_id", int)
+        await self._session(sid)
+        try:
+            deleted = await self.db(self.store.delete_messages_from, sid, mid)
+        except StoreError as exc:
+            raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+        return {"deleted": deleted}
+
     async def m_sessions_export(self, req: Request) -> dict[str, Any]:
         sid = param(req.params, "id", str)
         await self._session(sid)
@@ -590,37 +611,97 @@ class Daemon:
         system = system if system is not None else self.config.system_prompt
         if system and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system})
+        allowed_tools = self._tools_param(p)
+        if allowed_tools:
+            messages = self._with_tools(messages, allowed_tools)
         messages = self._alternate(messages)
 
-        worker = await self.get_model(model_name)
+        worker = await self.get_model(model_name, backend=param(p, "backend", str, None))
         rid = req.id
         conn = req.conn
 
         def on_text(text: str) -> None:
             conn.notify_threadsafe("chat.delta", {"id": rid, "text": text})
 
-        def work():
+        def work(conversation):
             backend = worker.backend
-            prompt = backend.tokenize(backend.apply_chat_template(messages), special=True)
+            prompt = backend.tokenize(backend.apply_chat_template(conversation), special=True)
             return generate(backend, prompt, sampling, max_tokens=max_tokens, stop=stop, on_text=on_text,
                             cancel=req.cancel, started=started, ignore_eos=ignore_eos)
 
-        try:
-            gen = await worker.run(work)
-        except ContextOverflowError as exc:
-            raise RPCError(ErrorCode.CONTEXT_OVERFLOW, str(exc), {"needed": exc.needed, "available": exc.available}) from None
-        stats = {**gen.stats, "backend": worker.backend.name, "model": worker.key}
+        texts: list[str] = []
+        tool_calls: list[dict[str, Any]] = []
+        completion_tokens = 0
+        while True:
+            try:
+                gen = await worker.run(work, messages)
+            except ContextOverflowError as exc:
+                raise RPCError(ErrorCode.CONTEXT_OVERFLOW, str(exc),
+                               {"needed": exc.needed, "available": exc.available}) from None
+            texts.append(gen.text)
+            completion_tokens += gen.stats.get("completion_tokens") or 0
+            calls = tools.parse_calls(gen.text) if allowed_tools else []
+            if not calls or gen.finish_reason == "cancelled" or len(tool_calls) >= tools.MAX_TOOL_ROUNDS:
+                break
+            # The model asked for skills: run them, hand back the results, let it go on.
+            results = [await self._run_tool(call, allowed_tools, conn, rid) for call in calls]
+            tool_calls.extend(results)
+            messages = self._alternate(messages + [{"role": "assistant", "content": gen.text},
+                                                   tools.response_message(results)])
+        text = "".join(texts)
+        stats = {**gen.stats, "backend": worker.backend.name, "model": worker.key,
+                 "completion_tokens": completion_tokens}
+        if tool_calls:
+            stats["tool_calls"] = len(tool_calls)
         worker.record(stats)
-        reply: dict[str, Any] = {"text": gen.text, "finish_reason": gen.finish_reason, "stats": stats,
+        reply: dict[str, Any] = {"text": text, "finish_reason": gen.finish_reason, "stats": stats,
                                  "model": worker.key}
+        if tool_calls:
+            reply["tool_calls"] = tool_calls
         if sid is not None:
             status = "complete" if gen.finish_reason != "cancelled" else "cancelled"
-            msg = await self.db(self.store.add_message, sid, "assistant", gen.text, stats=stats, status=status)
+            msg = await self.db(self.store.add_message, sid, "assistant", text, stats=stats, status=status)
             reply.update(session=sid, message_id=msg["id"], user_message_id=user_msg["id"] if user_msg else None)
         self.emit("chat.finished", {"session": sid, "model": worker.key, "finish_reason": gen.finish_reason,
                                     "completion_tokens": stats.get("completion_tokens"),
                                     "tokens_per_second": stats.get("tokens_per_second")})
         return reply
+
+    def _tools_param(self, p: dict[str, Any]) -> set[str]:
+        """``tools: true`` offers every skill to the model; a list offers those named."""
+        value = p.get("tools")
+        if value in (None, False):
+            return set()
+        if value is True:
+            return set(self.plugins.skills)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            unknown = [v for v in value if v not in self.plugins.skills]
+            if unknown:
+                raise RPCError(ErrorCode.INVALID_PARAMS, f"parameter 'tools': no skill {unknown[0]!r}; known: "
+                               f"{', '.join(sorted(self.plugins.skills)) or 'none'}")
+            return set(value)
+        raise RPCError(ErrorCode.INVALID_PARAMS, "parameter 'tools': expected true or a list of skill names")
+
+    def _with_tools(self, messages: list[dict[str, str]], allowed: set[str]) -> list[dict[str, str]]:
+        skills = [self.plugins.skills[n] for n in sorted(allowed)]
+        base = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        rest = messages[1:] if base is not None else messages
+        return [{"role": "system", "content": tools.system_prompt(skills, base)}] + rest
+
+    async def _run_tool(self, call: dict[str, Any], allowed: set[str], conn, rid) -> dict[str, Any]:
+        if "error" in call:
+            result: dict[str, Any] = {"error": call["error"]}
+        elif call["name"] not in allowed:
+            result = {"name": call["name"], "error": f"no tool {call['name']!r}"}
+        else:
+            args = call["arguments"] if isinstance(call["arguments"], dict) else {}
+            try:
+                result = {"name": call["name"], "result": await self.call_skill(call["name"], args)}
+            except RPCError as exc:
+                result = {"name": call["name"], "error": exc.message}
+        conn.notify("chat.tool", {"id": rid, **({"arguments": call.get("arguments")} if "name" in call else {}),
+                                  **result})
+        return result
 
     # plugins, skills, events
 
