@@ -189,6 +189,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         "prompt": prompt, "model": args.model, "system": args.system, "temperature": args.temperature,
         "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
         "max_tokens": args.max_tokens, "seed": args.seed, "session": args.session,
+        "backend": args.backend,
     }
     if args.stop:
         params["stop"] = args.stop
@@ -379,6 +380,15 @@ def cmd_skills(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the terminal UI ------------------------------------------------------------------
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from .tui.app import run
+
+    return run(args)
+
+
 # -- config / doctor ----------------------------------------------------------------
 
 
@@ -439,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ask", help="ask a question; the answer streams to stdout")
     s.add_argument("prompt", nargs="*", help="the prompt ('-' or nothing: read stdin)")
     s.add_argument("--model", "-m", help="model alias or GGUF path (default: the config's model)")
+    s.add_argument("--backend", "-b", help="llama.cpp or mlx: (re)load the model with this backend first")
     s.add_argument("--system", "-s", help="system prompt")
     s.add_argument("--temperature", "-t", type=float)
     s.add_argument("--top-p", type=float)
@@ -499,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dir", default=".", help="where to create it (default: here)")
     s.set_defaults(func=cmd_plugins)
 
+    s = sub.add_parser("tui", help="the terminal UI (also what `assistant` with no command opens)")
+    s.add_argument("--no-start", action="store_true", help="wait for a daemon instead of starting one")
+    s.set_defaults(func=cmd_tui)
+
     s = sub.add_parser("skills", help="list or call plugins' skills")
     ks = s.add_subparsers(dest="action", required=True)
     m = ks.add_parser("list")
@@ -539,8 +554,10 @@ def main(argv: list[str] | None = None) -> int:
         _add_plugin_commands(parser, argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            parser.print_help()  # no terminal to draw the TUI in
+            return 0
+        args.func = cmd_tui
     try:
         return args.func(args) or 0
     except CLIError as exc:

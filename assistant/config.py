@@ -26,6 +26,7 @@ import yaml
 
 from assistant import paths
 from assistant.protocol import DEFAULT_MAX_LINE_BYTES
+from assistant.tui.keys import ACTIONS as TUI_ACTIONS
 
 BACKENDS = ("auto", "llama.cpp", "mlx")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -170,6 +171,10 @@ MODEL_FIELDS: dict[str, Field] = {
                      min=1, nullable=True),
     "chat_template": Field("str", None, "A Jinja chat template that replaces the one in the model file.",
                            nullable=True),
+    "paths": Field("section", doc="A file per backend (an MLX folder for mlx, a GGUF for llama.cpp); the "
+                   "chosen backend's entry replaces path.",
+                   fields={b: Field("str", None, f"Model for the {b} backend; null uses path.", nullable=True,
+                                    expand_user=True) for b in BACKENDS if b != "auto"}),
 }
 
 
@@ -182,6 +187,61 @@ class ModelEntry:
     context: int | None = None
     threads: int | None = None
     chat_template: str | None = None
+    paths: dict[str, str] = field(default_factory=dict)  # backend -> its own file (others use path)
+
+    def __post_init__(self) -> None:
+        self.paths = {b: p for b, p in (self.paths or {}).items() if p is not None}
+
+
+PROFILE_FIELDS: dict[str, Field] = {
+    "hostname": Field("str", None, "Matches this machine's hostname (glob, case-insensitive; the short name "
+                      "before the first dot matches too).", nullable=True),
+    "platform": Field("str", None, "Matches '<os>-<arch>' as `assistant doctor` shows it, e.g. darwin-arm64 or "
+                      "linux-x86_64 (glob).", nullable=True),
+    "backend": Field("str", None, "Backend on this machine; null keeps the top-level backend.",
+                     choices=BACKENDS, nullable=True),
+    "model": Field("str", None, "Default model on this machine; null keeps the top-level model.", nullable=True),
+    "threads": Field("int", None, "Decode threads on this machine; null keeps the top-level threads.",
+                     min=1, auto=True, nullable=True),
+    "context": Field("int", None, "Context window on this machine; null keeps the top-level context.",
+                     min=256, auto=True, nullable=True),
+}
+
+
+@dataclass
+class Profile:
+    """Settings for the machines a profile matches (``profiles:`` in the config file)."""
+
+    hostname: str | None = None
+    platform: str | None = None
+    backend: str | None = None
+    model: str | None = None
+    threads: int | str | None = None
+    context: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.hostname is None and self.platform is None:
+            raise ValueError("a profile needs hostname or platform (or both) to say which machines it is for")
+
+
+TUI_BINDING_FIELDS: dict[str, Field] = {
+    a.id: Field("str", a.key, a.help or a.description) for a in TUI_ACTIONS
+}
+
+TUI_FIELDS: dict[str, Field] = {
+    "theme": Field("str", "textual-dark", "Textual theme of the terminal UI (textual-dark, textual-light, nord, "
+                   "gruvbox, dracula, tokyo-night, monokai, ...)."),
+    "bindings": Field("section", doc="Keys of the terminal UI's actions: action -> key(s), Textual key names, "
+                      "several separated by commas.", fields=TUI_BINDING_FIELDS),
+}
+
+
+@dataclass
+class TuiSettings:
+    """The terminal UI (``assistant`` / ``assistant tui``)."""
+
+    theme: str = TUI_FIELDS["theme"].default
+    bindings: dict[str, str] = field(default_factory=lambda: {k: f.default for k, f in TUI_BINDING_FIELDS.items()})
 
 
 SCHEMA: dict[str, Field] = {
@@ -201,11 +261,15 @@ SCHEMA: dict[str, Field] = {
     "generation": Field("section", doc="Sampling defaults.", fields=GENERATION_FIELDS, cls=GenerationDefaults),
     "models": Field("map", doc="Model aliases: name -> settings.",
                     item=Field("section", fields=MODEL_FIELDS, cls=ModelEntry)),
+    "profiles": Field("map", doc="Per-machine settings: name -> hostname and/or platform to match, and the "
+                      "backend, model, threads, context to use there. The first match in file order applies.",
+                      item=Field("section", fields=PROFILE_FIELDS, cls=Profile)),
     "plugin_dirs": Field("list", None, "Folders of single-file plugins (*.py); empty means "
                          "plugins/ in the config dir. ASSISTANT_PLUGIN_DIR overrides it.",
                          item=Field("str", expand_user=True)),
     "plugins": Field("map", doc="Per-plugin settings: plugin name -> anything; handed to the plugin's hooks "
                      "as `settings`.", item=Field("any", None)),
+    "tui": Field("section", doc="The terminal UI: theme and key bindings.", fields=TUI_FIELDS, cls=TuiSettings),
 }
 
 
@@ -224,8 +288,10 @@ class Config:
     max_line_bytes: int = SCHEMA["max_line_bytes"].default
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     models: dict[str, ModelEntry] = field(default_factory=dict)
+    profiles: dict[str, Profile] = field(default_factory=dict)
     plugin_dirs: list[str] = field(default_factory=list)
     plugins: dict[str, Any] = field(default_factory=dict)
+    tui: TuiSettings = field(default_factory=TuiSettings)
     # Not a config key: the file this came from, None when none existed.
     source: Path | None = None
 
@@ -338,7 +404,10 @@ class _Checker:
                 raise self.error(node, key, f"expected {spec.expected()}, got {_kind_of(node)}")
             values = self.section(spec.fields or {}, None if node is None or _is_null(node) else node,
                                   key, key_mark)
-            return spec.cls(**values) if spec.cls else values
+            try:
+                return spec.cls(**values) if spec.cls else values
+            except ValueError as exc:  # a section's own check across its keys (__post_init__)
+                raise self.error(node, key, str(exc), mark=key_mark) from None
         if spec.kind == "map":
             return {name: self.value(spec.item, vnode, _join(key, name), kmark)
                     for name, vnode, kmark in self.pairs(spec, node, key)}

@@ -327,7 +327,8 @@ class Daemon:
             await asyncio.shield(self._loading[name])
         worker = self.models.get(name)
         if worker is not None and worker.state == "ready":
-            wanted_backend = backend is None or backend == worker.backend.name
+            # "auto" keeps whatever backend the model runs on: it was chosen for this machine.
+            wanted_backend = backend in (None, "auto") or backend == worker.backend.name
             wanted_ctx = context is None or (worker.info and worker.info.context_length == context)
             if wanted_backend and wanted_ctx:
                 return worker

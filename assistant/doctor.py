@@ -35,6 +35,15 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         report["ok"] = False
         report["problems"].append(str(exc))
         return report
+    from .profiles import apply_profile
+
+    try:  # the first profile matching this machine sets backend, model, threads, context
+        config, profile = apply_profile(config, machine)
+    except ConfigError as exc:
+        report["ok"] = False
+        report["problems"].append(str(exc))
+        return report
+    report["profile"] = profile.to_dict()
 
     available = hardware.backend_availability()
     report["backends"] = {name: {"available": ok, "detail": why} for name, (ok, why) in available.items()}
@@ -49,10 +58,20 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     report["model"] = model
     try:
         spec = resolve_model(config.model, config)
+        model_backend = hardware.choose_backend(machine, spec.backend, available)[0] if spec.backend else name
+        model["backend"] = model_backend
+        # The file that backend loads (an alias may name one per backend), and whether it can.
+        spec = spec.for_backend(model_backend, check=available.get(model_backend, (False,))[0])
         model["path"] = str(spec.path)
-        meta = read_metadata(spec.path)
-        info = summary(meta)
-        size = spec.path.stat().st_size
+        if spec.path.is_dir():
+            from backends.mlx_backend import folder_summary
+
+            info = folder_summary(spec.path)
+            size = info.pop("size_bytes")
+        else:
+            info = summary(read_metadata(spec.path))
+            size = spec.path.stat().st_size
+        info["model_name"] = info.pop("name", None)  # the file's own name; "name" is the alias
         model.update(info, size_bytes=size)
         requested_ctx = spec.context or (None if config.context == "auto" else int(config.context))
         ctx, ctx_why = hardware.pick_context(machine, train_ctx=int(info["context_length"] or 0), model_bytes=size,
@@ -102,17 +121,21 @@ def render(r: dict[str, Any]) -> str:
     lines.append(f"machine:  {m.get('platform_tag')} ({m.get('hostname')}), {m.get('cpu_model') or m.get('chip') or 'CPU ?'}")
     lines.append(f"cores:    {m.get('physical_cores')} physical, {m.get('logical_cores')} logical")
     lines.append(f"memory:   {_size(m.get('ram_total_bytes'))} total, {_size(m.get('ram_available_bytes'))} available")
-    lines.append(f"gpu:      {', '.join(m.get('gpu') or []) or 'none found'}")
+    lines.append(f"gpu:      {', '.join(m.get('gpu') or []) or 'none found'}"
+                 + (" (unified memory)" if m.get("unified_memory") else ""))
     c = r["config"]
     lines.append(f"config:   {c.get('loaded_from') or c['path'] + ' (absent: defaults)'}" if c["valid"]
                  else f"config:   INVALID: {c['error']}")
+    if "profile" in r:
+        lines.append(f"profile:  {r['profile']['name'] or 'none'} ({r['profile']['reason']})")
     if "backends" in r:
         for name, b in r["backends"].items():
             lines.append(f"backend:  {name:<10} {'yes' if b['available'] else 'no ':<4} {b['detail']}")
         lines.append(f"chosen:   {r['backend']['chosen']} ({r['backend']['reason']})")
     if "model" in r:
         md = r["model"]
-        lines.append(f"model:    {md['name']} -> {md.get('path', '?')}")
+        lines.append(f"model:    {md['name']} -> {md.get('path', '?')}"
+                     + (f" (for {md['backend']})" if md.get("backend") else ""))
         if "error" in md:
             lines.append(f"          ERROR: {md['error']}")
         else:

@@ -53,6 +53,8 @@ class Machine:
     gpu: list[str] = field(default_factory=list)  # "metal", "cuda", "rocm"
     # Apple Silicon: the P-cores (hw.perflevel0.physicalcpu); None elsewhere.
     performance_cores: int | None = None
+    # CPU and GPU share one memory (Apple Silicon): a model on the GPU uses the RAM counted above.
+    unified_memory: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for ``assistant doctor --json`` and logs."""
@@ -125,6 +127,7 @@ def probe() -> Machine:
         chip=chip,
         gpu=gpu,
         performance_cores=perf,
+        unified_memory=apple,
     )
 
 

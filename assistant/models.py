@@ -23,6 +23,7 @@ A model is named by, in this order:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -55,6 +56,35 @@ class ModelSpec:
     threads: int | None = None
     chat_template: str | None = None
     builtin: bool = False
+    # An alias's file per backend (``paths:`` in its config entry), resolved but not checked.
+    paths: dict[str, Path] = dataclasses.field(default_factory=dict)
+    # Why ``path`` cannot be used, when it is missing but ``paths`` may hold one for the chosen backend.
+    missing: str | None = None
+
+    def for_backend(self, backend: str, *, check: bool = True) -> "ModelSpec":
+        """This model as the backend called ``backend`` will load it.
+
+        Picks the alias's file for that backend when it names one (else
+        ``path``), and with ``check`` asks the backend whether it can load it
+        (``Backend.check_model``: headers and JSON, not weights), so a load
+        bound to fail is refused before anything is unloaded. Raises
+        ``ModelNotFoundError`` / ``ModelLoadError``."""
+        path = self.paths.get(backend)
+        if path is not None and path != self.path:
+            if not path.exists():
+                raise ModelNotFoundError(f"model alias {self.name!r}: the file for {backend} was not found: {path}")
+            spec = dataclasses.replace(self, path=path, missing=None)
+        else:
+            if self.missing:
+                raise ModelNotFoundError(self.missing)
+            spec = self
+        if check:
+            from backends import get_backend_class
+
+            check_model = getattr(get_backend_class(backend), "check_model", None)
+            if check_model is not None:
+                check_model(str(spec.path))
+        return spec
 
 
 # --------------------------------------------------------------------------
@@ -205,22 +235,30 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _path_spec(name: str, raw: str, *, base: Path | None = None) -> ModelSpec:
+def _abs_path(raw: str, base: Path | None) -> Path:
     p = Path(raw).expanduser()
     if not p.is_absolute() and base is not None:
         p = base / p
-    p = p.absolute()
+    return p.absolute()
+
+
+def _path_spec(name: str, raw: str, *, base: Path | None = None) -> ModelSpec:
+    p = _abs_path(raw, base)
     if not p.exists():
         raise ModelNotFoundError(f"model file not found: {p}")
     return ModelSpec(name=name, path=p)
 
 
-def resolve_model(name: str | None, config: Any | None = None, *, ensure: bool = True) -> ModelSpec:
+def resolve_model(name: str | None, config: Any | None = None, *, ensure: bool = True,
+                  backend: str | None = None) -> ModelSpec:
     """The file and settings behind a model name (see the module docstring).
 
     ``None`` means the config's default model. With ``ensure=False`` a
     built-in model that is assembled on first use is not assembled: the spec
-    then names where it will be.
+    then names where it will be. An alias may name a file per backend
+    (``paths:``): ``backend`` picks that file; without it ``path`` is used,
+    and when ``path`` is missing but per-backend files exist the spec says so
+    in ``missing`` and :meth:`ModelSpec.for_backend` decides.
     """
     if name is None:
         name = getattr(config, "model", None) or "smollm2-135m"
@@ -232,17 +270,25 @@ def resolve_model(name: str | None, config: Any | None = None, *, ensure: bool =
     entry = entries.get(name)
     if entry is not None:
         raw = str(entry.path)
+        source = getattr(config, "source", None)
+        base = Path(source).parent if source else None
+        per_backend = {b: (_builtin_spec(p, ensure=ensure).path if p in BUILTINS and not Path(p).expanduser().exists()
+                           else _abs_path(p, base))
+                       for b, p in (getattr(entry, "paths", None) or {}).items() if p}
+        if backend is not None and backend in per_backend:
+            raw = str(per_backend[backend])
         if raw in BUILTINS and not Path(raw).expanduser().exists():
             spec = _builtin_spec(raw, ensure=ensure)
             spec.name = name
         else:
-            source = getattr(config, "source", None)
-            base = Path(source).parent if source else None
+            where = f" (in {source})" if source else ""
             try:
                 spec = _path_spec(name, raw, base=base)
             except ModelNotFoundError as exc:
-                where = f" (in {source})" if source else ""
-                raise ModelNotFoundError(f"model alias {name!r}{where}: {exc}") from None
+                if not per_backend or backend is not None:
+                    raise ModelNotFoundError(f"model alias {name!r}{where}: {exc}") from None
+                spec = ModelSpec(name=name, path=_abs_path(raw, base), missing=f"model alias {name!r}{where}: {exc}")
+        spec.paths = per_backend
         spec.backend = entry.backend
         spec.context = entry.context
         spec.threads = entry.threads
@@ -284,6 +330,7 @@ def list_models(config: Any | None = None) -> list[dict[str, Any]]:
             "context": entry.context,
             "threads": entry.threads,
             "custom_template": entry.chat_template is not None,
+            "paths": {b: p for b, p in (getattr(entry, "paths", None) or {}).items() if p},
         }
         try:
             spec = resolve_model(name, config, ensure=False)

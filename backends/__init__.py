@@ -14,6 +14,7 @@ from .base import Backend, BackendUnavailable
 # register_backends hook, like any plugin's backends.
 BUILTIN_BACKENDS: dict[str, str] = {
     "llama.cpp": "backends.llamacpp:LlamaCppBackend",
+    "mlx": "backends.mlx_backend:MLXBackend",
 }
 
 # name -> a Backend subclass or a "module:Class" string imported on first use

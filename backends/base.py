@@ -96,6 +96,14 @@ class Backend(abc.ABC):
     def availability(cls) -> tuple[bool, str]:
         """Whether this backend can run here, and a human reason either way."""
 
+    @classmethod
+    def check_model(cls, path: str) -> None:
+        """Raise ``ModelLoadError`` if this backend surely cannot load ``path``.
+
+        Cheap (headers and small files, never weights): the daemon asks before
+        it unloads anything, so a load bound to fail leaves the loaded models
+        in place. The default checks nothing."""
+
     @abc.abstractmethod
     def load(self, path: str, options: LoadOptions | None = None) -> ModelInfo:
         """Load the model at ``path``. Raises ``ModelLoadError`` with a clear message."""

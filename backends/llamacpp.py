@@ -223,6 +223,15 @@ class LlamaCppBackend(Backend):
 
     # -- loading -------------------------------------------------------------
 
+    @classmethod
+    def check_model(cls, path: str) -> None:
+        p = Path(os.path.expanduser(str(path)))
+        if not p.exists():
+            raise ModelLoadError(f"model file not found: {p}")
+        if p.is_dir():
+            raise ModelLoadError(f"model path {p} is a directory, not a GGUF file (the mlx backend loads folders)")
+        _check_gguf_header(p)
+
     def load(self, path: str, options: LoadOptions | None = None) -> ModelInfo:
         options = options or LoadOptions()
         if self._model is not None:
