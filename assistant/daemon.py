@@ -28,18 +28,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backends import backend_names, get_backend_class, register_backend
-from backends.base import BackendUnavailable, ContextOverflowError, LoadOptions, ModelLoadError
+from backends.base import BackendError, BackendUnavailable, ContextOverflowError, LoadOptions, ModelLoadError
 
 from . import __version__, hardware, paths
 from .config import Config
 from .generation import generate
 from .models import ModelNotFoundError, list_models, resolve_model
 from .profiles import apply_profile
-from .plugins import PluginHost, allow_list_from_env, plugin_dirs
+from .plugins import PluginHost, allow_list_from_env, plugin_dirs, run_in_thread
 from .protocol import PROTOCOL_VERSION, ErrorCode, RPCError
 from . import tools
 from .sampling import SamplingParams
 from .server import Request, RPCServer
+from . import speculative
 from .store import Store, StoreError
 from .worker import ModelWorker
 
@@ -166,6 +167,11 @@ class Daemon:
         self.plugins.collect(reserved_methods=set(CORE_METHODS))
         for name, (target, _plugin) in self.plugins.backends.items():
             register_backend(name, target)
+        for name, (factory, plugin) in self.plugins.drafters.items():
+            try:
+                speculative.register_drafter(name, factory)
+            except speculative.DrafterError as exc:
+                log.error("plugin %s: %s", plugin, exc)
         for name, (handler, plugin, _desc) in self.plugins.methods.items():
             self.server.method(name, self._plugin_method(name, handler, plugin))
 
@@ -176,7 +182,7 @@ class Daemon:
             try:
                 if inspect.iscoroutinefunction(handler):
                     return await handler(req.params)
-                return await asyncio.get_running_loop().run_in_executor(None, handler, req.params)
+                return await run_in_thread(handler, req.params)
             except RPCError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a plugin bug is the caller's error, not a crash
@@ -213,6 +219,7 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
+        self._check_speculative_config()
         prepare_runtime_dir(self.socket_path)
         self._lock_fd = acquire_lock(paths.lock_path(self.socket_path))
         clear_stale_socket(self.socket_path)
@@ -365,6 +372,10 @@ class Daemon:
             n_threads=threads or spec.threads or _as_auto(self.config.threads),
             chat_template=spec.chat_template,
         )
+        if backend_name == "llama.cpp" and self._spec_settings(name)["drafter"] != "off":
+            # Verified batches are bit-identical to one-token steps only with a
+            # quantized KV cache (see backends/llamacpp.py): greedy identity needs it.
+            options.extra["kv_type"] = "q8_0"
         try:
             instance = get_backend_class(backend_name)()
         except BackendUnavailable as exc:
@@ -578,6 +589,7 @@ class Daemon:
         started = time.perf_counter()
         p = req.params
         sampling, max_tokens = self._sampling(p)
+        spec_request = self._speculative_request(p)
         stop = param(p, "stop", list, [], lambda v: all(isinstance(s, str) for s in v), "a list of strings")
         ignore_eos = param(p, "ignore_eos", bool, False)
         sid = param(p, "session", str, None)
@@ -618,6 +630,7 @@ class Daemon:
         messages = self._alternate(messages)
 
         worker = await self.get_model(model_name, backend=param(p, "backend", str, None))
+        spec = {**self._spec_settings(worker.key), **spec_request}
         rid = req.id
         conn = req.conn
 
@@ -626,9 +639,10 @@ class Daemon:
 
         def work(conversation):
             backend = worker.backend
+            engine = self._speculative_engine(worker, spec)  # a bad setting fails here, before generating
             prompt = backend.tokenize(backend.apply_chat_template(conversation), special=True)
             return generate(backend, prompt, sampling, max_tokens=max_tokens, stop=stop, on_text=on_text,
-                            cancel=req.cancel, started=started, ignore_eos=ignore_eos)
+                            cancel=req.cancel, started=started, ignore_eos=ignore_eos, speculative=engine)
 
         texts: list[str] = []
         tool_calls: list[dict[str, Any]] = []
@@ -639,6 +653,10 @@ class Daemon:
             except ContextOverflowError as exc:
                 raise RPCError(ErrorCode.CONTEXT_OVERFLOW, str(exc),
                                {"needed": exc.needed, "available": exc.available}) from None
+            except speculative.DraftModelError as exc:
+                raise RPCError(ErrorCode.MODEL_LOAD_FAILED, str(exc), {"draft_model": spec["draft_model"]}) from None
+            except speculative.DrafterError as exc:
+                raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
             texts.append(gen.text)
             completion_tokens += gen.stats.get("completion_tokens") or 0
             calls = tools.parse_calls(gen.text) if allowed_tools else []
@@ -667,6 +685,89 @@ class Daemon:
                                     "completion_tokens": stats.get("completion_tokens"),
                                     "tokens_per_second": stats.get("tokens_per_second")})
         return reply
+
+    # speculative decoding
+
+    def _spec_settings(self, model: str) -> dict[str, Any]:
+        """The config's speculative settings for a model alias (per-model over top-level)."""
+        top = self.config.speculative
+        out = {"drafter": top.drafter, "max_draft": top.max_draft, "draft_model": top.draft_model,
+               "ngram_min": top.ngram_min, "ngram_max": top.ngram_max}
+        entry = self.config.models.get(model)
+        own = getattr(entry, "speculative", None)
+        if own is not None:
+            for key in ("drafter", "max_draft", "draft_model"):
+                if getattr(own, key) is not None:
+                    out[key] = getattr(own, key)
+        return out
+
+    def _check_speculative_config(self) -> None:
+        """Unknown drafter names in the config stop the daemon (plugins have registered theirs by now)."""
+        where = str(self.config.source) if self.config.source else "config"
+        keys = [("speculative.drafter", self.config.speculative.drafter)]
+        keys += [(f"models.{name}.speculative.drafter", m.speculative.drafter)
+                 for name, m in self.config.models.items() if getattr(m, "speculative", None) is not None
+                 and m.speculative.drafter is not None]
+        for key, value in keys:
+            try:
+                speculative.check_name(value)
+            except speculative.DrafterError as exc:
+                raise DaemonError(f"{where}: {key}: {exc}") from None
+
+    @staticmethod
+    def _speculative_request(p: dict[str, Any]) -> dict[str, Any]:
+        """The request's own speculative settings (``draft``, ``max_draft``, ``draft_model``), checked."""
+        out: dict[str, Any] = {}
+        if p.get("draft") is not None:
+            name = param(p, "draft", str, None)
+            try:
+                out["drafter"] = speculative.check_name(name)
+            except speculative.DrafterError as exc:
+                raise RPCError(ErrorCode.INVALID_PARAMS, f"parameter 'draft': {exc}") from None
+        if p.get("max_draft") is not None:
+            try:
+                out["max_draft"] = speculative.check_max_draft(p["max_draft"])
+            except speculative.DrafterError as exc:
+                raise RPCError(ErrorCode.INVALID_PARAMS, f"parameter 'max_draft': {exc}") from None
+        if p.get("draft_model") is not None:
+            out["draft_model"] = param(p, "draft_model", str, None, lambda v: bool(v), "a model alias or path")
+        return out
+
+    def _speculative_engine(self, worker: ModelWorker, spec: dict[str, Any]):
+        """Build the request's engine on the model's thread (None for ``off``).
+        Raises DrafterError / DraftModelError."""
+        if spec["drafter"] == "off":
+            return None
+        ctx = speculative.DraftContext(
+            target=worker.backend, max_draft=spec["max_draft"], ngram_min=spec["ngram_min"],
+            ngram_max=spec["ngram_max"], draft_model=spec["draft_model"],
+            load_model=lambda name: self._load_draft_model(worker, name))
+        drafter = speculative.make_drafter(spec["drafter"], ctx)
+        if drafter is None:
+            return None
+        return speculative.SpeculativeEngine(drafter, max_draft=spec["max_draft"])
+
+    def _load_draft_model(self, worker: ModelWorker, name: str):
+        """A draft model for ``worker``'s model, loaded once with the same backend
+        class, context and threads (runs on the worker's thread)."""
+        try:
+            dspec = resolve_model(name, self.config).for_backend(worker.backend.name)
+        except ModelLoadError as exc:
+            raise speculative.DraftModelError(f"draft model {name!r}: {exc}") from None
+        key = str(dspec.path)
+        have = worker.companions.get(key)
+        if have is not None:
+            return have
+        info = worker.backend.info
+        instance = type(worker.backend)()
+        try:
+            instance.load(key, LoadOptions(n_ctx=info.context_length, n_threads=info.n_threads,
+                                           chat_template=dspec.chat_template))
+        except BackendError as exc:  # ModelLoadError and the rest
+            raise speculative.DraftModelError(f"draft model {name!r}: {exc}") from None
+        worker.companions[key] = instance
+        log.info("loaded draft model %s for %s from %s", name, worker.key, key)
+        return instance
 
     def _tools_param(self, p: dict[str, Any]) -> set[str]:
         """``tools: true`` offers every skill to the model; a list offers those named."""

@@ -28,6 +28,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -43,6 +44,39 @@ log = logging.getLogger("assistant.plugins")
 
 ENTRY_POINT_GROUP = "assistant.plugins"
 CORE = "core"
+
+
+def run_in_thread(fn: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
+    """Run a plugin's sync code in a daemon thread and await its result.
+
+    Not the loop's default executor: a plugin that never returns would keep
+    that executor, and so the daemon's exit, waiting forever.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def target() -> None:
+        try:
+            value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            ok, value = False, exc
+        else:
+            ok = True
+        try:
+            loop.call_soon_threadsafe(settle, ok, value)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=target, name=f"plugin-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return fut
 
 
 class PluginError(Exception):
@@ -263,15 +297,13 @@ class PluginHost:
     async def acall(self, hook: str, **kwargs: Any) -> None:
         """Call a hook's implementations concurrently without blocking the loop (sync
         ones in threads), so one slow plugin delays neither the daemon nor the others."""
-        loop = asyncio.get_running_loop()
-
         async def one(impl) -> None:
             started = time.perf_counter()
             try:
                 if inspect.iscoroutinefunction(impl.function):
                     await impl.function(*self._args(impl, kwargs))
                 else:
-                    await loop.run_in_executor(None, impl.function, *self._args(impl, kwargs))
+                    await run_in_thread(impl.function, *self._args(impl, kwargs))
             except Exception as exc:  # noqa: BLE001
                 self._hook_failed(impl, hook, exc)
             finally:
@@ -355,7 +387,7 @@ class PluginHost:
         validate_arguments(skill, arguments)
         if inspect.iscoroutinefunction(skill.function):
             return await skill.function(**arguments)
-        return await asyncio.get_running_loop().run_in_executor(None, lambda: skill.function(**arguments))
+        return await run_in_thread(lambda: skill.function(**arguments))
 
     def list(self) -> list[dict[str, Any]]:
         return [r.to_dict() for r in self.records.values()]
