@@ -3,13 +3,28 @@ protocol over a Unix socket, a CLI, a terminal UI and pluggy plugins.
 
 Plugins mark their hook functions with ``@assistant.hookimpl``."""
 
-from importlib import metadata
+from typing import TYPE_CHECKING, Any
 
-from .hookspecs import hookimpl, hookspec
-
-try:
-    __version__ = metadata.version("local-assistant")
-except metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+source"
+if TYPE_CHECKING:
+    from .hookspecs import hookimpl, hookspec
 
 __all__ = ["hookimpl", "hookspec", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use (PEP 562): pluggy and importlib.metadata cost ~50 ms,
+    # which every command (and the TUI's first frame) would pay otherwise.
+    if name in ("hookimpl", "hookspec"):
+        from . import hookspecs
+
+        return getattr(hookspecs, name)
+    if name == "__version__":
+        from importlib import metadata
+
+        try:
+            version = metadata.version("local-assistant")
+        except metadata.PackageNotFoundError:  # running from a source tree
+            version = "0.0.0+source"
+        globals()["__version__"] = version
+        return version
+    raise AttributeError(f"module 'assistant' has no attribute {name!r}")

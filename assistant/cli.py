@@ -190,6 +190,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
         "max_tokens": args.max_tokens, "seed": args.seed, "session": args.session,
         "backend": args.backend,
+        "draft": args.draft, "max_draft": args.max_draft, "draft_model": args.draft_model,
     }
     if args.stop:
         params["stop"] = args.stop
@@ -221,6 +222,12 @@ async def _ask(args: argparse.Namespace, params: dict[str, Any]) -> int:
         elif result["stats"].get("context_full"):
             print("[stopped: the context window is full]", file=sys.stderr)
     return 130 if result["finish_reason"] == "cancelled" else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench_spec
+
+    return bench_spec.run(args)
 
 
 # -- models / status / sessions ---------------------------------------------------
@@ -462,7 +469,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--session", help="session id: keeps a multi-turn conversation (created if new)")
     s.add_argument("--json", action="store_true", help="print one JSON object (text, stats) at the end")
     s.add_argument("--no-start", action="store_true", help="fail instead of starting a daemon")
+    s.add_argument("--draft", metavar="DRAFTER",
+                   help="speculative decoding: auto, ngram, draft, off (default: the config's)")
+    s.add_argument("--max-draft", type=int, metavar="N", help="most tokens drafted per step (1-64)")
+    s.add_argument("--draft-model", metavar="MODEL", help="draft model (alias or GGUF path) for --draft draft/auto")
     s.set_defaults(func=cmd_ask)
+
+    s = sub.add_parser("bench", help="benchmarks on the real models (speculative decoding: bench spec)")
+    bs = s.add_subparsers(dest="bench", required=True)
+    from . import bench_spec
+
+    bench_spec.add_arguments(bs.add_parser("spec", help="plain vs each drafter vs auto vs llama-cpp-python's "
+                                           "prompt lookup: tokens/s, ratio, acceptance, identical text"))
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("models", help="list, load or unload models")
     ms = s.add_subparsers(dest="action", required=True)

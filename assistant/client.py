@@ -62,6 +62,23 @@ class ChatStream:
                 return
             yield item
 
+    async def chunks(self) -> AsyncIterator[str]:
+        """Like iterating, but each item joins every delta that arrived since the
+        last one: a consumer slower than the model (a UI repainting) gets fewer,
+        larger pieces and never falls behind."""
+        while True:
+            item = await self._deltas.get()
+            parts: list[str] = []
+            while item is not None:
+                parts.append(item)
+                if self._deltas.empty():
+                    break
+                item = self._deltas.get_nowait()
+            if parts:
+                yield "".join(parts)
+            if item is None:
+                return
+
     async def result(self) -> dict[str, Any]:
         """The final response: full text, finish_reason and stats. Raises RPCError."""
         return await self._future

@@ -1,0 +1,1 @@
+"""The TUI's screens: settings, plugins, help, and small dialogs."""
