@@ -160,6 +160,68 @@ class GenerationDefaults:
     seed: int | None = GENERATION_FIELDS["seed"].default
 
 
+SPECULATIVE_FIELDS: dict[str, Field] = {
+    # kind "any": YAML reads a bare `off` as false; _drafter_name() takes that for "off".
+    "drafter": Field("any", "auto", "Speculative decoding: auto, ngram, draft, off, or a drafter a plugin "
+                     "registers. auto uses prompt lookup where the answer copies its input, the draft model "
+                     "(if set) elsewhere; a request's draft parameter overrides it."),
+    "max_draft": Field("int", 32, "Most tokens drafted per verify step (the engine adapts below it).",
+                       min=1, max=64),
+    "draft_model": Field("str", None, "Draft model for the draft drafter (and auto): an alias or a GGUF path "
+                         "with the same tokenizer as the model; null: none.", nullable=True),
+    "ngram_min": Field("int", 2, "Prompt lookup: shortest n-gram (tokens) matched against earlier text.",
+                       min=1, max=32),
+    "ngram_max": Field("int", 8, "Prompt lookup: longest n-gram (tokens) matched; the longest match wins.",
+                       min=1, max=32),
+}
+
+
+@dataclass
+class SpeculativeDefaults:
+    """Speculative decoding defaults; per model (models.NAME.speculative) and per request they can change."""
+
+    drafter: str = SPECULATIVE_FIELDS["drafter"].default
+    max_draft: int = SPECULATIVE_FIELDS["max_draft"].default
+    draft_model: str | None = SPECULATIVE_FIELDS["draft_model"].default
+    ngram_min: int = SPECULATIVE_FIELDS["ngram_min"].default
+    ngram_max: int = SPECULATIVE_FIELDS["ngram_max"].default
+
+    def __post_init__(self) -> None:
+        self.drafter = _drafter_name(self.drafter)
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) is larger than ngram_max ({self.ngram_max})")
+
+
+def _drafter_name(value: Any) -> str | None:
+    """A drafter name from YAML: `off` unquoted reads as false, which means off."""
+    if value is False:
+        return "off"
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise ValueError(f"drafter: expected a drafter name (auto, ngram, draft, off, ...), got {value!r}")
+
+
+MODEL_SPECULATIVE_FIELDS: dict[str, Field] = {
+    "drafter": Field("any", None, "Drafter for this model; null uses the top-level speculative.drafter."),
+    "draft_model": Field("str", None, "Draft model for this model; null uses the top-level "
+                         "speculative.draft_model.", nullable=True),
+    "max_draft": Field("int", None, "Most tokens drafted per step; null uses the top-level "
+                       "speculative.max_draft.", min=1, max=64, nullable=True),
+}
+
+
+@dataclass
+class ModelSpeculative:
+    """Per-model speculative decoding settings (null: the top-level ones)."""
+
+    drafter: str | None = None
+    draft_model: str | None = None
+    max_draft: int | None = None
+
+    def __post_init__(self) -> None:
+        self.drafter = _drafter_name(self.drafter)
+
+
 MODEL_FIELDS: dict[str, Field] = {
     "path": Field("str", doc="Model file (GGUF) or MLX model directory; ~ is expanded.",
                   required=True, expand_user=True),
@@ -175,6 +237,9 @@ MODEL_FIELDS: dict[str, Field] = {
                    "chosen backend's entry replaces path.",
                    fields={b: Field("str", None, f"Model for the {b} backend; null uses path.", nullable=True,
                                     expand_user=True) for b in BACKENDS if b != "auto"}),
+    "speculative": Field("section", doc="Speculative decoding for this model: drafter, draft_model, max_draft "
+                         "(null: the top-level speculative settings).", fields=MODEL_SPECULATIVE_FIELDS,
+                         cls=ModelSpeculative),
 }
 
 
@@ -188,6 +253,7 @@ class ModelEntry:
     threads: int | None = None
     chat_template: str | None = None
     paths: dict[str, str] = field(default_factory=dict)  # backend -> its own file (others use path)
+    speculative: ModelSpeculative = field(default_factory=ModelSpeculative)
 
     def __post_init__(self) -> None:
         self.paths = {b: p for b, p in (self.paths or {}).items() if p is not None}
@@ -259,6 +325,8 @@ SCHEMA: dict[str, Field] = {
     "max_line_bytes": Field("int", DEFAULT_MAX_LINE_BYTES, "Longest protocol line (one JSON message) accepted.",
                             min=1024),
     "generation": Field("section", doc="Sampling defaults.", fields=GENERATION_FIELDS, cls=GenerationDefaults),
+    "speculative": Field("section", doc="Speculative decoding defaults.", fields=SPECULATIVE_FIELDS,
+                         cls=SpeculativeDefaults),
     "models": Field("map", doc="Model aliases: name -> settings.",
                     item=Field("section", fields=MODEL_FIELDS, cls=ModelEntry)),
     "profiles": Field("map", doc="Per-machine settings: name -> hostname and/or platform to match, and the "
@@ -287,6 +355,7 @@ class Config:
     log_level: str = SCHEMA["log_level"].default
     max_line_bytes: int = SCHEMA["max_line_bytes"].default
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    speculative: SpeculativeDefaults = field(default_factory=SpeculativeDefaults)
     models: dict[str, ModelEntry] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=dict)
     plugin_dirs: list[str] = field(default_factory=list)

@@ -12,3 +12,11 @@ def register_backends(register):
 
     for name, target in BUILTIN_BACKENDS.items():
         register(name, target)  # "module:Class", imported when first used
+
+
+@hookimpl
+def register_drafters(register):
+    from .speculative import BUILTIN_DRAFTERS
+
+    for name, factory in BUILTIN_DRAFTERS.items():
+        register(name, factory)

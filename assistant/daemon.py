@@ -374,8 +374,9 @@ class Daemon:
         )
         if backend_name == "llama.cpp" and self._spec_settings(name)["drafter"] != "off":
             # Verified batches are bit-identical to one-token steps only with a
-            # quantized KV cache (see backends/llamacpp.py): greedy identity needs it.
-            options.extra["kv_type"] = "q8_0"
+            # KV cache that is not F16/F32 (see backends/llamacpp.py): greedy
+            # identity needs it. BF16 costs batches no more than F16 does.
+            options.extra["kv_type"] = "bf16"
         try:
             instance = get_backend_class(backend_name)()
         except BackendUnavailable as exc:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from backends.base import Backend, ContextOverflowError, IncrementalDecoder
 
 from .sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from .speculative import SpeculativeEngine
 
 # Prompt tokens are fed in chunks of this size so a cancel during a long
 # prefill is seen within one chunk.
@@ -111,12 +114,15 @@ def generate(
     cancel: threading.Event | None = None,
     started: float | None = None,
     ignore_eos: bool = False,
+    speculative: "SpeculativeEngine | None" = None,
 ) -> GenerationResult:
     """Generate a reply to ``prompt`` (token ids), streaming text to ``on_text``.
 
     ``started`` is the ``time.perf_counter()`` at which the request arrived,
     so ``ttft_ms`` includes any time spent waiting in the model's queue.
     ``ignore_eos`` masks end-of-generation tokens (benchmarks, tests).
+    ``speculative`` (an ``assistant.speculative.SpeculativeEngine``) runs the
+    decode loop with a drafter; without one the plain loop below runs.
     """
     t0 = time.perf_counter()
     started = t0 if started is None else started
@@ -137,6 +143,30 @@ def generate(
     if logits is None:
         finish = "cancelled"
     eog = list(backend.info.eos_token_ids) if ignore_eos else []
+    if speculative is not None and logits is not None:
+
+        def push(token: int) -> str | None:
+            """Emit one token as the plain loop does; a finish reason ends the reply."""
+            nonlocal t_first, stop_hit
+            if t_first is None:
+                t_first = time.perf_counter()
+            if backend.is_eog(token):
+                return "stop"
+            out_tokens.append(token)
+            history.append(token)
+            text, hit = stopper.feed(decoder.push(token))
+            if text:
+                pieces.append(text)
+                if on_text is not None:
+                    on_text(text)
+            if hit:
+                stop_hit = True
+                return "stop"
+            return "length" if len(out_tokens) >= max_tokens else None
+
+        finish, context_full = speculative.decode(backend, logits, sampler, history, push, max_tokens=max_tokens,
+                                                  cancel=cancel, eog=eog)
+        logits = None
     while logits is not None:
         if eog:
             logits = logits.copy()
@@ -196,4 +226,9 @@ def generate(
         "context_full": context_full,
         "finish_reason": finish,
     }
+    if speculative is not None:
+        stats.update(speculative.stats or {"drafter": speculative.name, "drafted": 0, "accepted": 0,
+                                           "acceptance_rate": None})
+    else:
+        stats.update(drafter="off", drafted=0, accepted=0, acceptance_rate=None)
     return GenerationResult("".join(pieces), out_tokens, finish, stats)

@@ -36,6 +36,9 @@ class ModelWorker:
         self.requests_done = 0
         self.tokens_generated = 0
         self.last_request: dict[str, Any] | None = None  # finish_reason, tokens, ... of the latest reply
+        # Models this one uses (speculative-decoding draft models), by file; loaded,
+        # driven and unloaded on this worker's thread.
+        self.companions: dict[str, Backend] = {}
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{key}")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -61,6 +64,9 @@ class ModelWorker:
         """Unload after the requests already queued; then stop the thread."""
         if self.state != "unloaded":
             await self.run(self.backend.unload)
+            for companion in list(self.companions.values()):
+                await self.run(companion.unload)
+            self.companions.clear()
             self.state = "unloaded"
         self._executor.shutdown(wait=False)
 

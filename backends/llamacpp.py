@@ -330,6 +330,20 @@ class LlamaCppBackend(Backend):
         # Flash attention: llama.cpp's "auto" (on for CPU). extra={"flash_attn": False} turns it off.
         if extra.get("flash_attn") is not None:
             cparams.flash_attn_type = 1 if extra["flash_attn"] else 0
+        # KV cache type: f16 (llama.cpp's default), bf16, q8_0 or q4_0. With f16
+        # (or f32) K/V the CPU flash attention splits a one-token step's KV
+        # across threads once the cache passes 256 tokens, so a batched verify
+        # row is never bit-identical to the one-token step; with bf16 or q8_0 it
+        # is. The daemon asks for bf16 when speculative decoding is on (its
+        # batches cost what f16's do; q8_0's cost ~30% more), see
+        # assistant/speculative.py.
+        kv_type = extra.get("kv_type")
+        if kv_type is not None:
+            ggml_types = {"f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2}
+            if kv_type not in ggml_types:
+                raise ModelLoadError(f"unknown KV cache type {kv_type!r}; expected one of {', '.join(ggml_types)}")
+            cparams.type_k = cparams.type_v = ggml_types[kv_type]
+            choices["kv_cache"] = f"{kv_type}: asked for by the caller"
         # Sliding-window models (Gemma 3) keep only the last n_swa positions
         # in their SWA layers, so truncate() could not go back more than a few
         # tokens. A full-size SWA cache makes truncate exact at any point;

@@ -53,7 +53,8 @@ def direct_run(llm, tokens: list[int], n: int) -> tuple[float, float, int, str]:
 async def daemon_run(client: Client, messages, n: int) -> tuple[float, float, int, str]:
     t0 = time.perf_counter()
     first = None
-    stream = await client.chat(messages=messages, max_tokens=n, temperature=0.0)
+    # Plain decoding on both sides: this measures the daemon, not speculative decoding.
+    stream = await client.chat(messages=messages, max_tokens=n, temperature=0.0, draft="off")
     count = 0
     async for _ in stream:
         if first is None:
@@ -73,7 +74,7 @@ async def second_turn(client: Client, history_words: int) -> tuple[float, float,
 
     async def turn(prompt):
         t0 = time.perf_counter()
-        stream = await client.chat(prompt=prompt, session=sid, max_tokens=16, temperature=0.0)
+        stream = await client.chat(prompt=prompt, session=sid, max_tokens=16, temperature=0.0, draft="off")
         first = None
         async for _ in stream:
             if first is None:
@@ -120,7 +121,7 @@ def main() -> int:
             raise SystemExit("daemon did not start")
         await client.call("models.load", {"model": args.model})
         # The exact prompt tokens the daemon uses, so both sides decode the same thing.
-        tokens = llm.tokenize(_render(llm, messages).encode(), add_bos=True, special=True)
+        tokens = _daemon_tokens(spec.path, messages)
         d_rows, x_rows = [], []
         # warm-up both
         direct_run(llm, tokens, 8)
@@ -156,12 +157,17 @@ def main() -> int:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _render(llm, messages) -> str:
-    """The chat template as the daemon renders it (same backend code)."""
-    from backends.llamacpp import render_chat_template
+def _daemon_tokens(path, messages) -> list[int]:
+    """The prompt tokens exactly as the daemon makes them (same backend code)."""
+    from backends.base import LoadOptions
+    from backends.llamacpp import LlamaCppBackend
 
-    return render_chat_template(llm.metadata.get("tokenizer.chat_template"), messages,
-                                bos_token="", eos_token="", add_generation_prompt=True)
+    backend = LlamaCppBackend()
+    backend.load(str(path), LoadOptions(n_ctx=512, n_threads=1))
+    try:
+        return backend.tokenize(backend.apply_chat_template(messages), special=True)
+    finally:
+        backend.unload()
 
 
 if __name__ == "__main__":
