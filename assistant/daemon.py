@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -80,6 +81,8 @@ def clear_stale_socket(sock_path: Path) -> None:
     """Remove a socket file nobody listens on (we hold the lock, so no daemon does)."""
     if not sock_path.exists() and not sock_path.is_symlink():
         return
+    if not stat.S_ISSOCK(sock_path.lstat().st_mode):
+        raise DaemonError(f"{sock_path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(sock_path))
