@@ -3,8 +3,11 @@
 For a fixed set of prompts (a copy-heavy edit of a code file, a text to fix
 and give back in full, a code edit that is part copy and part new, a summary
 that quotes its source, open-ended chat) it runs, greedy and in one process,
-plain decoding, each drafter, ``auto`` and llama-cpp-python's own prompt
-lookup (``Llama(draft_model=LlamaPromptLookupDecoding())``), alternating the
+plain decoding, each drafter, ``auto``, llama-cpp-python's own prompt lookup
+(``Llama(draft_model=LlamaPromptLookupDecoding())``) and plain decoding with
+llama.cpp's default F16 KV cache (``plain-f16-kv``: what runs when
+speculative decoding is off; the engine's runs use a Q8_0 K cache, see
+backends/llamacpp.py), alternating the
 methods round by round (the machine's load drifts; medians are reported), and
 prints tokens/s, the ratio to plain, the acceptance rate and whether the text
 is identical to plain decoding.
@@ -153,7 +156,7 @@ def requantized(source: Path, kind: str = "Q8_0") -> Path:
 # -- running -------------------------------------------------------------------
 
 
-def _load(path: Path, args: argparse.Namespace, *, kv_type: str | None = "bf16"):
+def _load(path: Path, args: argparse.Namespace, *, kv_type: str | None = "q8_0/f16"):
     from backends.base import LoadOptions
     from backends.llamacpp import LlamaCppBackend
 
@@ -181,7 +184,9 @@ class _Lookup:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-        self.llm = Llama(model_path=str(path), n_ctx=args.context, n_threads=args.threads,
+        # n_batch = n_ctx: with a draft model Llama keeps logits for every position in
+        # an array of n_batch rows (0.3.36), which overflows past n_batch tokens otherwise.
+        self.llm = Llama(model_path=str(path), n_ctx=args.context, n_batch=args.context, n_threads=args.threads,
                          n_threads_batch=args.threads, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10),
                          verbose=False)
 
@@ -219,7 +224,7 @@ def _engine(name: str, backend, args: argparse.Namespace, draft_backend=None):
 
 
 def _section(title: str, backend, methods: list[str], prompts: list[str], args: argparse.Namespace,
-             *, draft_backend=None, lookup: "_Lookup | None" = None, log=print) -> dict[str, Any]:
+             *, draft_backend=None, lookup: "_Lookup | None" = None, default_kv=None, log=print) -> dict[str, Any]:
     from . import speculative as S
 
     # Calibrate the exact verify batch and the costs before timing anything.
@@ -237,6 +242,8 @@ def _section(title: str, backend, methods: list[str], prompts: list[str], args: 
                     before = _CPU.sample()
                     if m == "llama-cpp-lookup":
                         res = lookup.run(prompt, args.max_tokens)
+                    elif m == "plain-f16-kv":
+                        res = _ours(default_kv, prompt, None, args.max_tokens)
                     else:
                         res = _ours(backend, prompt, _engine(m, backend, args, draft_backend), args.max_tokens)
                     res["foreign_cpu"] = _CPU.foreign(before, _CPU.sample())
@@ -262,7 +269,8 @@ def _section(title: str, backend, methods: list[str], prompts: list[str], args: 
                 "ratio": round(tps / plain_tps, 3) if plain_tps else None,
                 "acceptance": round(accepted / drafted, 3) if drafted else None,
                 "drafted_per_run": round(drafted / len(rs), 1) if rs[0]["drafted"] is not None else None,
-                "identical": all(r["tokens"] == plain_tokens for r in rs),
+                # plain-f16-kv is another KV cache arithmetic: its text may differ, and is not compared
+                "identical": None if m == "plain-f16-kv" else all(r["tokens"] == plain_tokens for r in rs),
                 "tps_runs": [round(r["tps"], 1) for r in rs],
                 "foreign_cpu": [None if r["foreign_cpu"] is None else round(r["foreign_cpu"], 3) for r in rs],
                 "reruns": sum(r["retries"] for r in rs),
@@ -287,6 +295,10 @@ def _goal_check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _yes(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "NO")
+
+
 def run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .models import resolve_model
@@ -305,13 +317,17 @@ def run(args: argparse.Namespace) -> int:
 
     log(f"loading {args.model} ({spec.path})")
     target = _load(spec.path, args)
+    # What plain decoding runs on without speculative decoding: llama.cpp's F16 KV cache.
+    default_kv = _load(spec.path, args, kv_type=None)
     lookup = None
-    methods = ["plain", "ngram", "auto"]
+    methods = ["plain", "ngram", "auto", "plain-f16-kv"]
     if not args.no_llama_cpp:
         lookup = _Lookup(spec.path, args)
         methods.append("llama-cpp-lookup")
-    report["sections"].append(_section("main", target, methods, prompts, args, lookup=lookup, log=log))
+    report["sections"].append(_section("main", target, methods, prompts, args, lookup=lookup,
+                                       default_kv=default_kv, log=log))
     target.unload()
+    default_kv.unload()
     del lookup
 
     if not args.no_draft_model:
@@ -347,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
             fc = [x for x in r["foreign_cpu"] if x is not None]
             other = f"{max(fc):.0%}" if fc else "-"
             print(f"{r['prompt']:<16} {r['kind']:<6} {r['method']:<17} {r['tokens_per_second']:>7.1f} "
-                  f"{r['ratio']:>6.2f} {acc:>7} {dr:>8} {'yes' if r['identical'] else 'NO':>9} {r['tokens']:>6} "
+                  f"{r['ratio']:>6.2f} {acc:>7} {dr:>8} {_yes(r['identical']):>9} {r['tokens']:>6} "
                   f"{other:>9}")
         print()
     print("goals:", ", ".join(f"{g['prompt']}/{g['method']} {g['ratio']:.2f}x (>= {g['goal']}) "

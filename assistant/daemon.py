@@ -376,10 +376,10 @@ class Daemon:
             chat_template=spec.chat_template,
         )
         if backend_name == "llama.cpp" and self._spec_settings(name)["drafter"] != "off":
-            # Verified batches are bit-identical to one-token steps only with a
-            # KV cache that is not F16/F32 (see backends/llamacpp.py): greedy
-            # identity needs it. BF16 costs batches no more than F16 does.
-            options.extra["kv_type"] = "bf16"
+            # Verified batches are bit-identical to one-token steps only when
+            # the K cache is not F16/F32 (see backends/llamacpp.py): greedy
+            # identity needs it. Q8_0 K with F16 V costs plain decoding nothing.
+            options.extra["kv_type"] = "q8_0/f16"
         try:
             instance = get_backend_class(backend_name)()
         except BackendUnavailable as exc:

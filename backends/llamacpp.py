@@ -330,19 +330,24 @@ class LlamaCppBackend(Backend):
         # Flash attention: llama.cpp's "auto" (on for CPU). extra={"flash_attn": False} turns it off.
         if extra.get("flash_attn") is not None:
             cparams.flash_attn_type = 1 if extra["flash_attn"] else 0
-        # KV cache type: f16 (llama.cpp's default), bf16, q8_0 or q4_0. With f16
-        # (or f32) K/V the CPU flash attention splits a one-token step's KV
-        # across threads once the cache passes 256 tokens, so a batched verify
-        # row is never bit-identical to the one-token step; with bf16 or q8_0 it
-        # is. The daemon asks for bf16 when speculative decoding is on (its
-        # batches cost what f16's do; q8_0's cost ~30% more), see
-        # assistant/speculative.py.
+        # KV cache type: "TYPE" for K and V, or "K/V" (f16, bf16, q8_0, q4_0);
+        # f16 is llama.cpp's default. With f16 (or f32) K the CPU flash
+        # attention splits a one-token step's KV across threads once the cache
+        # passes 256 tokens, so a batched verify row is never bit-identical to
+        # the one-token step; with any other K type it is. The daemon asks for
+        # "q8_0/f16" when speculative decoding is on: measured here (SmolLM2,
+        # 2 threads) plain decoding is as fast as with f16/f16 (+5%) and
+        # verify batches cost what f16's do (bf16 K/V: plain 10% slower; q8_0
+        # V: batches 25% dearer). See assistant/speculative.py.
         kv_type = extra.get("kv_type")
         if kv_type is not None:
             ggml_types = {"f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2}
-            if kv_type not in ggml_types:
-                raise ModelLoadError(f"unknown KV cache type {kv_type!r}; expected one of {', '.join(ggml_types)}")
-            cparams.type_k = cparams.type_v = ggml_types[kv_type]
+            k_name, _, v_name = str(kv_type).partition("/")
+            v_name = v_name or k_name
+            if k_name not in ggml_types or v_name not in ggml_types:
+                raise ModelLoadError(f"unknown KV cache type {kv_type!r}; expected TYPE or K/V with types "
+                                     f"{', '.join(ggml_types)}")
+            cparams.type_k, cparams.type_v = ggml_types[k_name], ggml_types[v_name]
             choices["kv_cache"] = f"{kv_type}: asked for by the caller"
         # Sliding-window models (Gemma 3) keep only the last n_swa positions
         # in their SWA layers, so truncate() could not go back more than a few

@@ -15,12 +15,14 @@ llama-cpp-python 0.3.36), and why the engine calibrates:
   512`` padded cells) and merges the partial softmaxes, while a batch walks
   the whole KV per row. SmolLM2 rows then differ by 0.5-1.1 in the logits
   even for 2-token batches (0.0 below 256 tokens). With flash attention off
-  they differ from 2-3 tokens up at every length. With a BF16 or Q8_0 KV
-  cache (``extra={"kv_type": "bf16"}``, what the daemon uses when
-  speculative decoding is on) the one-token path is the batch path:
-  SmolLM2-135M Q4_1 rows are bit-identical for batches of 2..48 at 100..1200
-  tokens of context. BF16 batches cost what F16 ones do (32 tokens: 14 plain
-  steps), Q8_0 ones ~30% more (18.6), so the daemon picks BF16.
+  they differ from 2-3 tokens up at every length. With a K cache of any
+  other type (Q8_0, BF16) the one-token path is the batch path: SmolLM2-135M
+  Q4_1 rows are bit-identical for batches of 2..48 at 100..1200 tokens of
+  context. The daemon loads with ``extra={"kv_type": "q8_0/f16"}`` (Q8_0 K,
+  F16 V) when speculative decoding is on: measured over 8 alternating rounds
+  on the copy prompt, plain decoding runs at 58 tok/s (F16/F16: 55) and
+  prompt lookup at 106 (BF16 K/V: plain 50, lookup 100; Q8_0 K/V: plain 60,
+  lookup 82, its V dequantisation making batches dear).
 - Weights: Q4_1 (SmolLM2) is computed the same in batches and steps up to 48
   tokens; from 64 a different kernel runs. Gemma 3 270M Q4_K_M's repacked
   Q4_K kernel (``use_extra_bufts``) differs from 4-token batches (Q5_0/Q8_0
@@ -29,7 +31,7 @@ llama-cpp-python 0.3.36), and why the engine calibrates:
   rarely moves (differences of ~1 in the logits matter only at near-ties):
   ``test_how_often_inexact_batches_change_a_token`` measures it and prints
   the figure; the engine does not rely on luck: ``calibrate`` finds the
-  largest bit-identical batch per loaded model (SmolLM2 with BF16 KV: 33,
+  largest bit-identical batch per loaded model (SmolLM2 with Q8_0 K: 33,
   the largest it tries; Gemma 3 270M: 3) and never verifies more at once.
 """
 
@@ -512,7 +514,7 @@ def test_realised_slowdown_pauses_the_request():
 from assistant import bench_spec  # noqa: E402  (the fixed prompts)
 
 
-def _real_backend(name, shared_cache_dir, kv_type="bf16", path=None):
+def _real_backend(name, shared_cache_dir, kv_type="q8_0/f16", path=None):
     pytest.importorskip("llama_cpp")
     from assistant.models import resolve_model
     from backends.base import LoadOptions
@@ -564,12 +566,12 @@ def _identical(backend, prompt, engines, max_tokens):
 def test_llama_cpp_batched_logits_and_what_the_kv_type_does(smol, shared_cache_dir):
     """Measures, for the docstring's figures: how often a 16-token verify
     batch picks another greedy token than one-token steps over the same text,
-    with the default F16 KV cache and with BF16; and what calibrate() finds."""
+    with the default F16 KV cache and with Q8_0 K; and what calibrate() finds."""
     f16 = _real_backend("smollm2-135m", shared_cache_dir, kv_type=None)
     try:
         prompt = _chat(smol, "text-fix")  # 231 tokens: the cache passes 256 during the reply
         flips = {}
-        for kv, b in (("f16", f16), ("bf16", smol)):
+        for kv, b in (("f16", f16), ("q8_0/f16", smol)):
             b.truncate(0)
             row = b.forward(prompt)[-1]
             toks, ref = [], []
@@ -583,7 +585,7 @@ def test_llama_cpp_batched_logits_and_what_the_kv_type_does(smol, shared_cache_d
                 got += [int(x) for x in b.forward(toks[s:s + 16], logits_at=list(range(16))).argmax(axis=1)]
             flips[kv] = sum(a != c for a, c in zip(ref, got))
         print(f"greedy tokens changed by 16-token batches over 160 tokens: {flips}")
-        assert flips["bf16"] == 0  # measured here: f16 2-4 of 160 (3/240, 4/240 on two prompts)
+        assert flips["q8_0/f16"] == 0  # measured here: f16 2-4 of 160 (3/240, 4/240 on two prompts)
         f16.truncate(0)
         assert S.calibrate(f16, prompt, 9).exact_batch == 1  # so with F16 K/V the engine drafts nothing
     finally:
@@ -604,8 +606,25 @@ def test_greedy_identity_smollm2(smol, prompt_name, max_tokens):
     _, (spec, _auto) = _identical(smol, prompt, [eager, S.SpeculativeEngine(S.AutoDrafter(S.NgramDrafter(), None))],
                                   max_tokens)
     assert spec.stats["drafted"] > spec.stats["accepted"] > 0, spec.stats  # some drafts were wrong, too
+    # How much the drafter found of what could be found: the tokens that a
+    # fresh lookup before each one would have predicted right. What the model
+    # writes varies with the machine's llama.cpp build (a CI build once wrote
+    # a loop where this one copies), so the bar is relative to the reply.
+    findable = _lookup_hits(prompt, spec.tokens)
+    print(f"{prompt_name}: {spec.stats['accepted']} accepted, {findable} findable of {len(spec.tokens)}")
     if bench_spec.PROMPTS[prompt_name][0] == "copy":
-        assert spec.stats["accepted"] > 0.5 * len(spec.tokens), spec.stats
+        assert findable > 0.25 * len(spec.tokens), findable  # the prompt is one to copy from
+        assert spec.stats["accepted"] >= 0.7 * findable, (findable, spec.stats)
+
+
+def _lookup_hits(prompt, reply):
+    """Reply tokens an n-gram lookup over everything before them predicts."""
+    oracle, hits = S.NgramDrafter(), 0
+    for i, tok in enumerate(reply):
+        toks = list(prompt) + list(reply[:i])
+        hit = oracle.lookup(toks)
+        hits += hit is not None and toks[hit[0]] == tok
+    return hits
 
 
 @pytest.mark.slow
@@ -684,7 +703,7 @@ async def test_daemon_draft_parameter_stats_and_errors(daemon_factory):
         assert off["stats"]["drafter"] == "off" and off["stats"]["drafted"] == 0
         assert ngram["stats"]["drafter"] == "ngram" and default["stats"]["drafter"] == "auto(ngram)"
         assert ngram["text"] == off["text"] == default["text"]  # greedy: identical whatever drafts
-        assert ngram["stats"]["speculative"]["exact_batch"] >= 2  # the daemon loads with a BF16 KV cache
+        assert ngram["stats"]["speculative"]["exact_batch"] >= 2  # the daemon loads with a Q8_0 K cache
 
         bad = [({"draft": "bogus"}, ErrorCode.INVALID_PARAMS, "unknown drafter 'bogus'; known: auto, draft, ngram"),
                ({"draft": 3}, ErrorCode.INVALID_PARAMS, "parameter 'draft'"),
