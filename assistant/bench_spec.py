@@ -141,7 +141,7 @@ def requantized(source: Path, kind: str = "Q8_0") -> Path:
 
     C = _llama()
     params = C.llama_model_quantize_default_params()
-    params.ftype = {"Q8_0": C.LLAMA_FTYPE_MOSTLY_Q8_0, "F16": C.LLAMA_FTYPE_MOSTLY_F16}[kind]
+    params.ftype = {"Q8_0": C.LLAMA_FTYPE_MOSTLY_Q8_0, "F16": C.LLAMA_FTYPE_MOSTLY_F16, "Q4_0": C.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
     params.allow_requantize = True
     params.nthread = 2
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -217,8 +217,13 @@ def _engine(name: str, backend, args: argparse.Namespace, draft_backend=None):
         return S.SpeculativeEngine(S.NgramDrafter(), **kw)
     if name == "draft":
         return S.SpeculativeEngine(S.ModelDrafter(draft_backend), **kw)
+    if name == "mtp":
+        return S.SpeculativeEngine(S.MtpDrafter(backend), **kw)
     if name == "auto":
-        model = S.ModelDrafter(draft_backend) if draft_backend is not None else None
+        if draft_backend is not None:
+            model = S.ModelDrafter(draft_backend)
+        else:  # what the daemon does: the model's MTP layers where it has them
+            model = S.MtpDrafter(backend) if backend.mtp_support()[0] else None
         return S.SpeculativeEngine(S.AutoDrafter(S.NgramDrafter(), model), **kw)
     raise ValueError(name)
 
@@ -276,7 +281,10 @@ def _section(title: str, backend, methods: list[str], prompts: list[str], args: 
                 "reruns": sum(r["retries"] for r in rs),
             })
     return {"title": title, "rows": rows, "exact_batch": cm.exact_batch,
-            "step_ms": round(cm.step_cost() * 1000, 2)}
+            "step_ms": round(cm.step_cost() * 1000, 2),
+            # what a verify batch of n tokens cost in plain steps, as measured over the runs:
+            # it bounds what any drafter can gain on this machine
+            "verify_cost_steps": {n: round(cm.verify_cost(n) / cm.step_cost(), 2) for n in (2, 4, 8, 16, 32)}}
 
 
 def _goal_check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -321,6 +329,12 @@ def run(args: argparse.Namespace) -> int:
     default_kv = _load(spec.path, args, kv_type=None)
     lookup = None
     methods = ["plain", "ngram", "auto", "plain-f16-kv"]
+    mtp_ok, mtp_why = target.mtp_support()
+    report["mtp"] = mtp_why
+    if mtp_ok:
+        methods.insert(2, "mtp")
+    else:
+        log(f"mtp: not run: {mtp_why}")
     if not args.no_llama_cpp:
         lookup = _Lookup(spec.path, args)
         methods.append("llama-cpp-lookup")
@@ -354,7 +368,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print()
     for s in report["sections"]:
-        print(f"== {s['title']}  (exact verify batch {s['exact_batch']}, plain step {s['step_ms']} ms)")
+        costs = ", ".join(f"{n}: {c}" for n, c in s["verify_cost_steps"].items())
+        print(f"== {s['title']}  (exact verify batch {s['exact_batch']}, plain step {s['step_ms']} ms; "
+              f"verify batch cost in plain steps by size: {costs})")
         print(f"{'prompt':<16} {'kind':<6} {'method':<17} {'tok/s':>7} {'ratio':>6} {'accept':>7} "
               f"{'drafted':>8} {'identical':>9} {'tokens':>6} {'other CPU':>9}")
         for r in s["rows"]:
@@ -366,6 +382,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{r['ratio']:>6.2f} {acc:>7} {dr:>8} {_yes(r['identical']):>9} {r['tokens']:>6} "
                   f"{other:>9}")
         print()
+    print(f"mtp: {'run' if any(r['method'] == 'mtp' for s in report['sections'] for r in s['rows']) else 'not run'}"
+          f" ({report['mtp']})")
     print("goals:", ", ".join(f"{g['prompt']}/{g['method']} {g['ratio']:.2f}x (>= {g['goal']}) "
                               f"{'met' if g['met'] else 'NOT met'}" for g in report["goals"]))
     la = report["load_average"]

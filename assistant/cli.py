@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object (text, stats) at the end")
     s.add_argument("--no-start", action="store_true", help="fail instead of starting a daemon")
     s.add_argument("--draft", metavar="DRAFTER",
-                   help="speculative decoding: auto, ngram, draft, off (default: the config's)")
+                   help="speculative decoding: auto, ngram, draft, mtp, off (default: the config's)")
     s.add_argument("--max-draft", type=int, metavar="N", help="most tokens drafted per step (1-64)")
     s.add_argument("--draft-model", metavar="MODEL", help="draft model (alias or GGUF path) for --draft draft/auto")
     s.set_defaults(func=cmd_ask)

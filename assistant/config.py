@@ -162,9 +162,10 @@ class GenerationDefaults:
 
 SPECULATIVE_FIELDS: dict[str, Field] = {
     # kind "any": YAML reads a bare `off` as false; _drafter_name() takes that for "off".
-    "drafter": Field("any", "auto", "Speculative decoding: auto, ngram, draft, off, or a drafter a plugin "
+    "drafter": Field("any", "auto", "Speculative decoding: auto, ngram, draft, mtp, off, or a drafter a plugin "
                      "registers. auto uses prompt lookup where the answer copies its input, the draft model "
-                     "(if set) elsewhere; a request's draft parameter overrides it."),
+                     "(if set) elsewhere, else the model's MTP layers (if it has them); a request's draft "
+                     "parameter overrides it."),
     "max_draft": Field("int", 32, "Most tokens drafted per verify step (the engine adapts below it).",
                        min=1, max=64),
     "draft_model": Field("str", None, "Draft model for the draft drafter (and auto): an alias or a GGUF path "
@@ -198,7 +199,7 @@ def _drafter_name(value: Any) -> str | None:
         return "off"
     if value is None or (isinstance(value, str) and value):
         return value
-    raise ValueError(f"drafter: expected a drafter name (auto, ngram, draft, off, ...), got {value!r}")
+    raise ValueError(f"drafter: expected a drafter name (auto, ngram, draft, mtp, off, ...), got {value!r}")
 
 
 MODEL_SPECULATIVE_FIELDS: dict[str, Field] = {

@@ -17,11 +17,15 @@ Drafters (``DRAFTERS``, a registry by name; plugins add more through the
 - ``draft``: a second, smaller model with the same tokenizer, loaded through
   the same backend class (:func:`check_draft_pair` refuses a pair whose
   vocabulary, special tokens or token texts differ).
+- ``mtp``: the target model's own multi-token-prediction (NextN) layers
+  (GLM-4.5, Qwen3-Next/3.5, MiMo, DeepSeek V3-style models that ship them),
+  through the backend's ``mtp_draft`` (llama.cpp: an MTP context over the
+  same model, fed the target's hidden states; see ``backends/llamacpp.py``).
+  Greedy drafts, verified like any other: a model without such layers is
+  refused naming the model and why.
 - ``auto``: prompt lookup where the answer copies from its input (long n-gram
-  matches), the draft model (when one is configured) everywhere else.
-
-There is no ``mtp`` drafter: see the README's "Speculative decoding" section
-for why (no model with MTP layers can be obtained or built on this machine).
+  matches), else the draft model when one is configured, else the model's
+  MTP layers when it has them.
 
 Correctness:
 
@@ -349,15 +353,57 @@ class ModelDrafter:
         self._sampler = None
 
 
+def _mtp_support(target: Backend) -> tuple[bool, str]:
+    support = getattr(target, "mtp_support", None)
+    if support is None:
+        return False, f"its backend ({getattr(target, 'name', type(target).__name__)}) has no MTP support"
+    return support()
+
+
+class MtpDrafter:
+    """The target model's own multi-token-prediction (NextN) layers draft
+    (``Backend.mtp_draft``): greedy guesses, a point-mass draft, so sampled
+    requests keep the target's distribution by the engine's point-mass rule.
+    The backend keeps its MTP cache in step with the target's lazily."""
+
+    name = "mtp"
+
+    def __init__(self, target: Backend):
+        ok, why = _mtp_support(target)
+        if not ok:
+            raise DrafterError(f"model {target.info.name!r} cannot use the 'mtp' drafter: {why}")
+        self.target = target
+        self.step_s: float | None = None  # measured time of one draft step
+
+    def begin(self, tokens: list[int], params: SamplingParams) -> None:
+        pass
+
+    def propose(self, tokens: list[int], choose: Chooser) -> Draft | None:
+        k = choose("mtp", min(MAX_DRAFT_LIMIT, self.target.info.context_length - len(tokens)))
+        if k <= 0:
+            return None
+        t0 = time.perf_counter()
+        out = self.target.mtp_draft(tokens, k)
+        dt = time.perf_counter() - t0
+        if not out:
+            return None
+        per = dt / len(out)
+        self.step_s = per if self.step_s is None else 0.8 * self.step_s + 0.2 * per
+        return Draft(out, "mtp", None, dt)
+
+    def close(self) -> None:
+        pass
+
+
 class AutoDrafter:
     """``auto``: prompt lookup where the text being written copies earlier
-    text (and the controller expects it to pay), else the draft model when
-    one is configured."""
+    text (and the controller expects it to pay), else ``model``: the draft
+    model when one is configured, or the model's MTP layers."""
 
-    def __init__(self, ngram: NgramDrafter, model: ModelDrafter | None):
+    def __init__(self, ngram: NgramDrafter, model: ModelDrafter | MtpDrafter | None):
         self.ngram = ngram
         self.model = model
-        self.name = "auto(ngram+draft)" if model is not None else "auto(ngram)"
+        self.name = f"auto(ngram+{model.name})" if model is not None else "auto(ngram)"
 
     @property
     def step_s(self) -> float | None:
@@ -400,12 +446,21 @@ def _draft_factory(ctx: DraftContext) -> Drafter:
     return _load_draft(ctx)
 
 
+def _mtp_factory(ctx: DraftContext) -> Drafter:
+    return MtpDrafter(ctx.target)
+
+
 def _auto_factory(ctx: DraftContext) -> Drafter:
-    model = _load_draft(ctx) if ctx.draft_model else None
+    model: ModelDrafter | MtpDrafter | None = None
+    if ctx.draft_model:
+        model = _load_draft(ctx)
+    elif _mtp_support(ctx.target)[0]:
+        model = MtpDrafter(ctx.target)
     return AutoDrafter(NgramDrafter(ctx.ngram_min, ctx.ngram_max), model)
 
 
-BUILTIN_DRAFTERS: dict[str, DrafterFactory] = {"ngram": _ngram_factory, "draft": _draft_factory}
+BUILTIN_DRAFTERS: dict[str, DrafterFactory] = {"ngram": _ngram_factory, "draft": _draft_factory,
+                                                 "mtp": _mtp_factory}
 DRAFTERS.update(BUILTIN_DRAFTERS)
 
 
@@ -607,6 +662,7 @@ _PRIORS = {
     "ngram:2": (1.5, 5.0),
     "ngram:1": (1.0, 5.0),
     "draft": (3.0, 5.0),
+    "mtp": (3.0, 5.0),
 }
 _DECAY = 0.9  # old evidence fades: recent drafts count most
 _MEMORY = 20.0  # at most this many tried tokens of evidence per class
@@ -682,7 +738,7 @@ class Controller:
     def _best(self, cls: str, k_max: int) -> int:
         a = self.alpha(cls)
         c1 = self.cost.step_cost()
-        extra = (self.draft_step() or 0.0) if cls == "draft" else 0.0
+        extra = (self.draft_step() or 0.0) if cls in ("draft", "mtp") else 0.0
         best_k, best = 0, 1.03  # drafting must beat plain decoding by a margin
         expected = 1.0
         power = 1.0

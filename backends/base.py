@@ -161,6 +161,20 @@ class Backend(abc.ABC):
     def truncate(self, n: int) -> None:
         """Keep only the first ``n`` cached tokens."""
 
+    # -- optional: multi-token prediction (the ``mtp`` drafter) ----------------
+
+    def mtp_support(self) -> tuple[bool, str]:
+        """(True, what) when :meth:`mtp_draft` works for the loaded model,
+        else (False, why not). The default: this backend has none."""
+        return False, f"the {self.name} backend has no multi-token-prediction support"
+
+    def mtp_draft(self, tokens: Sequence[int], n: int) -> list[int]:
+        """Up to ``n`` greedy guesses of the tokens after ``tokens`` from the
+        model's own multi-token-prediction (NextN) layers. ``tokens`` is the
+        cache plus one token not yet evaluated (the engine's state between
+        steps); [] where nothing can be drafted. The cache is left as it was."""
+        raise BackendError(self.mtp_support()[1])
+
 
 class IncrementalDecoder:
     """Turns a stream of token ids into text without splitting UTF-8 characters.

@@ -185,6 +185,205 @@ def _ftype_name(C, ftype: int) -> str | None:
     return name.decode("utf-8", "replace") if name else None
 
 
+def _nextn_layers(path: Path) -> int:
+    """``{arch}.nextn_predict_layers`` from the GGUF header (0 when absent)."""
+    from .gguf import read_metadata
+
+    try:
+        meta = read_metadata(path)
+    except ModelLoadError:
+        return 0  # llama.cpp will say what is wrong with the file
+    arch = meta.get("general.architecture")
+    value = meta.get(f"{arch}.nextn_predict_layers", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+class _Mtp:
+    """A model's multi-token-prediction (NextN) layers as a drafter, the way
+    llama.cpp's ``--spec-type draft-mtp`` runs them (common/speculative.cpp):
+
+    - the model is loaded with ``load_mtp``; the target context outputs the
+      hidden state of every token it evaluates (``llama_set_embeddings_nextn``
+      unmasked: all rows, whatever the logits flags);
+    - a second context on the same model with ``ctx_type = MTP`` and
+      ``ctx_other = target`` runs only the NextN block (its own small KV
+      cache, one layer). Its row at position p takes token ``x_p`` plus the
+      target's hidden state ``h_{p-1}`` (``llama_batch_ext_add_token`` +
+      ``llama_batch_ext_set_embd_token``; ``..._set_embd_state`` is a stub
+      returning false in this llama.cpp) and predicts ``x_{p+1}``, and also
+      outputs its own hidden state, which stands in for ``h`` at the next
+      draft position;
+    - the MTP cache mirrors the target's positions ``[0, n)`` lazily: each
+      draft first evaluates the rows the target has evaluated since the last
+      draft (one batch, no outputs), then drafts one row per step; the draft
+      rows are removed from the MTP cache afterwards. Plain decoding steps
+      cost the MTP context nothing but keeping one hidden row per token.
+
+    Hidden rows are kept only for positions from ``n - 1`` on (what the next
+    catch-up needs). A truncation behind that (a new prompt sharing a prefix)
+    loses the row at the cut; it is replaced by zeros, as llama.cpp does for
+    position 0: drafts may be a little worse there, never wrong, since the
+    target verifies every drafted token.
+    """
+
+    def __init__(self, C, model, ctx, cparams, n_nextn: int):
+        from llama_cpp import llama_cpp_ext as X
+
+        if not hasattr(C, "LLAMA_CONTEXT_TYPE_MTP") or not hasattr(C, "llama_batch_ext_init"):
+            raise RuntimeError("this llama-cpp-python has no MTP context API")
+        self.C, self.X = C, X
+        self.n_embd = int(C.llama_model_n_embd_out(model)) if hasattr(C, "llama_model_n_embd_out") \
+            else int(C.llama_model_n_embd(model))
+        self.n_vocab = int(C.llama_vocab_n_tokens(C.llama_model_get_vocab(model)))
+        p = C.llama_context_default_params()
+        for name in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "n_threads_batch", "type_k", "type_v",
+                     "flash_attn_type", "no_perf"):
+            setattr(p, name, getattr(cparams, name))
+        p.n_seq_max = 1
+        p.ctx_type = C.LLAMA_CONTEXT_TYPE_MTP
+        p.ctx_other = ctx
+        _LOG_TAIL.clear()
+        self.ctx = C.llama_init_from_model(model, p)
+        if not self.ctx:
+            raise RuntimeError(_llama_said() or "llama_init_from_model failed for the MTP context")
+        self.batch = C.llama_batch_ext_init(self.ctx)
+        if not self.batch:
+            C.llama_free(self.ctx)
+            self.ctx = None
+            raise RuntimeError("llama_batch_ext_init failed")
+        self.n_batch = int(C.llama_n_batch(self.ctx))
+        self.mem = C.llama_get_memory(self.ctx)
+        self.target = ctx
+        X.llama_set_embeddings_nextn(ctx, True, False)  # every row of every target batch
+        X.llama_set_embeddings_nextn(self.ctx, True, True)  # the MTP's own rows: the output ones
+        self.mirrored = 0  # the MTP cache holds positions [0, mirrored) of the target's text
+        self.h = np.zeros((64, self.n_embd), dtype=np.float32)  # hidden rows of positions h0, h0+1, ...
+        self.h0 = 0
+        self.h_end = 0  # rows valid for positions [h0, h_end)
+        self.zeros = np.zeros(self.n_embd, dtype=np.float32)
+        self._pos = C.llama_pos(0)
+        self._get_h = X.llama_get_embeddings_nextn
+        self._get_h_ith = X.llama_get_embeddings_nextn_ith
+        self._row_bytes = self.n_embd * 4
+
+    def free(self) -> None:
+        C = self.C
+        if self.batch:
+            C.llama_batch_ext_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            try:
+                self.X.llama_set_embeddings_nextn(self.target, False, False)
+            except Exception:  # noqa: BLE001
+                pass
+            C.llama_free(self.ctx)
+            self.ctx = None
+
+    # the target's side
+
+    def keep_hidden(self, pos0: int, m: int) -> None:
+        """After a target decode of ``m`` tokens at positions ``pos0``...: keep their hidden rows."""
+        if pos0 < self.h0:  # cannot happen after cut(); be safe
+            self.h0 = self.h_end = pos0
+        need = pos0 + m - self.h0
+        if need > len(self.h):
+            grown = np.zeros((max(need, 2 * len(self.h)), self.n_embd), dtype=np.float32)
+            grown[: self.h_end - self.h0] = self.h[: self.h_end - self.h0]
+            self.h = grown
+        src = self._get_h(self.target)
+        if not src:
+            raise BackendError("llama.cpp returned no hidden state for the MTP drafter")
+        ctypes.memmove(self.h[pos0 - self.h0 :].ctypes.data, src, m * self._row_bytes)
+        self.h_end = pos0 + m
+
+    def cut(self, n: int) -> None:
+        """The target's cache was cut back to ``n`` tokens."""
+        if n < self.mirrored:
+            if not self.C.llama_memory_seq_rm(self.mem, 0, n, -1):
+                self.C.llama_memory_clear(self.mem, True)
+                n = 0
+            self.mirrored = n
+        if n < self.h0:
+            self.h0 = self.h_end = n
+        elif n < self.h_end:
+            self.h_end = n
+
+    def _hidden(self, pos: int) -> np.ndarray:
+        if self.h0 <= pos < self.h_end:
+            return self.h[pos - self.h0]
+        return self.zeros
+
+    # the draft's side
+
+    def _add(self, token: int, pos: int, h: np.ndarray, output: bool) -> None:
+        C = self.C
+        i = C.llama_batch_ext_add_token(self.batch, 0, token)
+        if i < 0:
+            raise BackendError(f"the MTP draft batch refused a row (code {i})")
+        self._pos.value = pos
+        C.llama_batch_ext_set_pos(self.batch, i, ctypes.byref(self._pos))
+        embd = C.llama_embd(h.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 1, self.n_embd)
+        if not C.llama_batch_ext_set_embd_token(self.batch, i, embd):
+            raise BackendError("llama.cpp refused the hidden state of an MTP draft row")
+        if output:
+            C.llama_batch_ext_set_output_logits(self.batch, i, True)
+
+    def _process(self) -> None:
+        rc = self.C.llama_process(self.ctx, self.C.LLAMA_PROCESS_TYPE_DECODE, self.batch)
+        self.C.llama_batch_ext_clear(self.batch)
+        if rc != 0:
+            said = _llama_said()
+            self.C.llama_memory_seq_rm(self.mem, 0, self.mirrored, -1)
+            raise BackendError(f"the MTP draft decode failed (code {rc})" + (f": {said}" if said else ""))
+
+    def draft(self, cache: list[int], last: int, n: int) -> list[int]:
+        """``cache`` is the target's text (positions 0..N-1), ``last`` the token
+        at N (not evaluated by the target yet): up to ``n`` greedy guesses."""
+        C = self.C
+        N = len(cache)
+        out: list[int] = []
+        try:
+            # catch up with what the target evaluated since the last draft. Not
+            # in the same batch as the first draft row: in a batch that mixes
+            # rows without output and an output row, the NextN hidden state
+            # llama.cpp returns for the output row is not that row's (its logits
+            # are right; measured on this build), and the next draft step needs it.
+            C.llama_batch_ext_clear(self.batch)
+            rows = 0
+            for p in range(self.mirrored, N):
+                self._add(cache[p], p, self._hidden(p - 1), False)
+                rows += 1
+                if rows == self.n_batch or p == N - 1:
+                    self._process()
+                    rows = 0
+            self.mirrored = N
+            self._add(last, N, self._hidden(N - 1), True)
+            self._process()
+            for i in range(n):
+                row = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+                tok = int(row.argmax())
+                out.append(tok)
+                if i + 1 == n:
+                    break
+                src = self._get_h_ith(self.ctx, -1)
+                if not src:
+                    break
+                h = np.ctypeslib.as_array(src, shape=(self.n_embd,)).copy()
+                self._add(tok, N + 1 + i, h, True)
+                self._process()
+        finally:
+            C.llama_batch_ext_clear(self.batch)
+            # the draft rows are not part of the text: the MTP cache mirrors [0, N)
+            if C.llama_memory_seq_pos_max(self.mem, 0) >= N:
+                C.llama_memory_seq_rm(self.mem, 0, min(self.mirrored, N), -1)
+            # only h_{N-1} on is needed from now on
+            if self.h0 < N - 1 < self.h_end:
+                k = self.h_end - (N - 1)
+                self.h[:k] = self.h[N - 1 - self.h0 : self.h_end - self.h0]
+                self.h0 = N - 1
+        return out
+
+
 class LlamaCppBackend(Backend):
     """A GGUF model in-process through llama.cpp (one sequence, one thread)."""
 
@@ -201,6 +400,8 @@ class LlamaCppBackend(Backend):
         self._template = None  # compiled jinja2 template
         self._eog: frozenset[int] = frozenset()
         self._piece_cache: dict[int, bytes] = {}
+        self._mtp: _Mtp | None = None  # the MTP draft context, where the model has NextN layers
+        self._mtp_why = "no model is loaded"
 
     # -- availability --------------------------------------------------------
 
@@ -252,6 +453,12 @@ class LlamaCppBackend(Backend):
         mparams = C.llama_model_default_params()
         if "n_gpu_layers" in extra:
             mparams.n_gpu_layers = int(extra["n_gpu_layers"])
+        # Multi-token-prediction (NextN) layers are loaded only when asked for;
+        # ask where the file has them, unless extra={"mtp": False}.
+        n_nextn = _nextn_layers(p)
+        want_mtp = n_nextn > 0 and bool(extra.get("mtp", True)) and hasattr(mparams, "load_mtp")
+        if want_mtp:
+            mparams.load_mtp = True
         _LOG_TAIL.clear()
         model = C.llama_model_load_from_file(str(p).encode("utf-8"), mparams)
         if not model:
@@ -370,6 +577,7 @@ class LlamaCppBackend(Backend):
             self._ctx, self._model, self._vocab = ctx, model, vocab  # for the helpers below
             self._init_hot_path(C, ctx, batch, n_batch, n_vocab)
             n_ctx = int(C.llama_n_ctx(ctx))
+            self._setup_mtp(C, model, ctx, cparams, arch, extra, choices)
 
             # 4. tokens and template
             bos = int(C.llama_vocab_bos(vocab))
@@ -405,6 +613,7 @@ class LlamaCppBackend(Backend):
             )
         except BaseException:
             self._ctx = self._model = self._vocab = self._mem = None
+            self._free_mtp()
             if batch is not None:
                 C.llama_batch_free(batch)
             C.llama_free(ctx)
@@ -440,6 +649,59 @@ class LlamaCppBackend(Backend):
         self._seq_rm = C.llama_memory_seq_rm
         self._memmove = ctypes.memmove
 
+    # -- multi-token prediction ------------------------------------------------
+
+    def _setup_mtp(self, C, model, ctx, cparams, arch: str, extra: dict[str, Any], choices: dict[str, str]) -> None:
+        """Create the MTP draft context where the model has NextN layers
+        (see ``_Mtp``). Never fatal: a failure is remembered for
+        ``mtp_support()`` and shown in the model's choices."""
+        self._mtp = None
+        n_nextn = int(C.llama_model_n_layer_nextn(model)) if hasattr(C, "llama_model_n_layer_nextn") else 0
+        if n_nextn <= 0:
+            self._mtp_why = (f"the model has no multi-token-prediction (NextN) layers "
+                             f"(architecture {arch}, nextn_predict_layers absent or 0)")
+            return
+        if not extra.get("mtp", True):
+            self._mtp_why = "MTP was turned off when the model was loaded (extra mtp=False)"
+            choices["mtp"] = self._mtp_why
+            return
+        try:
+            self._mtp = _Mtp(C, model, ctx, cparams, n_nextn)
+        except Exception as exc:  # noqa: BLE001 - an old binding, an arch without an MTP graph, ...
+            self._mtp_why = f"the model has {n_nextn} NextN layer(s) but llama.cpp cannot run them: {exc}"
+            choices["mtp"] = self._mtp_why
+            return
+        self._mtp_why = f"{n_nextn} NextN layer(s)"
+        choices["mtp"] = f"draft context over {n_nextn} NextN layer(s) ({arch})"
+
+    def _free_mtp(self) -> None:
+        if self._mtp is not None:
+            self._mtp.free()
+            self._mtp = None
+
+    def mtp_support(self) -> tuple[bool, str]:
+        if self._ctx is None:
+            return False, "no model is loaded"
+        if self._mtp is None:
+            return False, self._mtp_why
+        return True, self._mtp_why
+
+    def mtp_draft(self, tokens: Sequence[int], n: int) -> list[int]:
+        """Greedy drafts from the model's NextN layers (see ``_Mtp``)."""
+        self._require()
+        mtp = self._mtp
+        if mtp is None:
+            raise BackendError(f"model {self.info.name!r} cannot draft with MTP: {self._mtp_why}")
+        cache = self._tokens
+        N = len(cache)
+        # The engine's state between steps: the cache plus one token not evaluated yet.
+        if len(tokens) != N + 1 or (N and tokens[N - 1] != cache[-1]):
+            return []
+        n = min(int(n), self._n_ctx - N - 1)
+        if n <= 0:
+            return []
+        return mtp.draft(cache, int(tokens[N]), n)
+
     def _choose_template(self, C, model, arch: str, options: LoadOptions, choices: dict[str, str]):
         from jinja2 import TemplateError
 
@@ -473,6 +735,8 @@ class LlamaCppBackend(Backend):
         C = _C
         if C is None:
             return
+        self._free_mtp()
+        self._mtp_why = "no model is loaded"
         if self._batch is not None:
             C.llama_batch_free(self._batch)
             self._batch = None
@@ -614,6 +878,8 @@ class LlamaCppBackend(Backend):
             rc = self._decode(ctx, batch)
             if rc != 0:
                 self._decode_failed(rc, n0, n)
+            if self._mtp is not None:
+                self._mtp.keep_hidden(n0, 1)
             out = np.empty((1, self._n_vocab), dtype=np.float32)
             self._memmove(out.ctypes.data, self._logits_ith(ctx, 0), row_bytes)
             self._tokens.append(tok)
@@ -649,6 +915,8 @@ class LlamaCppBackend(Backend):
             rc = self._decode(ctx, batch)
             if rc != 0:
                 self._decode_failed(rc, n0, n)
+            if self._mtp is not None:
+                self._mtp.keep_hidden(n0 + start, m)
             for r in here:
                 src = self._logits_ith(ctx, r - start)
                 for k in wanted[r]:
@@ -666,6 +934,8 @@ class LlamaCppBackend(Backend):
             self._tokens = []
         else:
             del self._tokens[n0:]
+        if self._mtp is not None:
+            self._mtp.cut(len(self._tokens))
         if rc == 1:
             raise ContextOverflowError(
                 f"llama.cpp found no room in the KV cache for {n} more tokens", needed=n0 + n, available=self._n_ctx
@@ -692,5 +962,8 @@ class LlamaCppBackend(Backend):
         if not ok:
             _C.llama_memory_clear(self._mem, True)
             self._tokens = []
-            return
-        del self._tokens[n:]
+            n = 0
+        else:
+            del self._tokens[n:]
+        if self._mtp is not None:
+            self._mtp.cut(n)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import struct
 import sys
 import time
 from pathlib import Path
@@ -37,134 +36,8 @@ from backends.base import BackendError, BackendUnavailable, ContextOverflowError
 mlx_installed = importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx_lm") is not None
 needs_mlx = pytest.mark.skipif(not mlx_installed, reason="the mlx extra is not installed")
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-# --------------------------------------------------------------------------
-# A small GGUF writer (spec: ggml/docs/gguf.md), enough for test models.
-
-_GGML = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q5_0": 6}
-_FTYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8}
-
-
-def _kv_value(value) -> bytes:
-    if isinstance(value, bool):
-        return struct.pack("<I?", 7, value)
-    if isinstance(value, int):
-        return struct.pack("<Ii", 5, value) if value < 0 else struct.pack("<II", 4, value)
-    if isinstance(value, float):
-        return struct.pack("<If", 6, value)
-    if isinstance(value, str):
-        b = value.encode()
-        return struct.pack("<IQ", 8, len(b)) + b
-    if isinstance(value, list):
-        if all(isinstance(v, str) for v in value):
-            out = struct.pack("<IIQ", 9, 8, len(value))
-            for v in value:
-                b = v.encode()
-                out += struct.pack("<Q", len(b)) + b
-            return out
-        if all(isinstance(v, float) for v in value):
-            return struct.pack("<IIQ", 9, 6, len(value)) + np.asarray(value, "<f4").tobytes()
-        return struct.pack("<IIQ", 9, 5, len(value)) + np.asarray(value, "<i4").tobytes()
-    raise TypeError(value)
-
-
-def _quantize(x: np.ndarray, kind: str) -> bytes:
-    """Rows of x into llama.cpp's block formats (the reference quantizers)."""
-    if kind == "F32":
-        return x.astype("<f4").tobytes()
-    if kind == "F16":
-        return x.astype("<f2").tobytes()
-    blocks = x.astype(np.float32).reshape(-1, 32)
-    if kind == "Q8_0":
-        d = np.abs(blocks).max(axis=1) / 127
-        inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0)
-        q = np.round(blocks * inv[:, None]).astype(np.int8)
-        out = np.zeros(len(blocks), dtype=[("d", "<f2"), ("q", "i1", 32)])
-        out["d"], out["q"] = d, q
-        return out.tobytes()
-    if kind == "Q4_0":
-        idx = np.abs(blocks).argmax(axis=1)
-        mx = blocks[np.arange(len(blocks)), idx]
-        d = mx / -8
-        inv = np.where(d != 0, 1 / np.where(d != 0, d, 1), 0)
-        q = np.clip(np.trunc(blocks * inv[:, None] + 8.5), 0, 15).astype(np.uint8)
-        out = np.zeros(len(blocks), dtype=[("d", "<f2"), ("q", "u1", 16)])
-        out["d"], out["q"] = d, q[:, :16] | (q[:, 16:] << 4)
-        return out.tobytes()
-    if kind == "Q4_1":
-        lo, hi = blocks.min(axis=1), blocks.max(axis=1)
-        d = (hi - lo) / 15
-        inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0)
-        q = np.clip(np.trunc((blocks - lo[:, None]) * inv[:, None] + 0.5), 0, 15).astype(np.uint8)
-        out = np.zeros(len(blocks), dtype=[("d", "<f2"), ("m", "<f2"), ("q", "u1", 16)])
-        out["d"], out["m"], out["q"] = d, lo, q[:, :16] | (q[:, 16:] << 4)
-        return out.tobytes()
-    if kind == "Q5_0":  # only to be refused: the bytes need not be meaningful
-        return np.zeros(len(blocks) * 22, np.uint8).tobytes()
-    raise ValueError(kind)
-
-
-def write_gguf(path: Path, meta: dict, tensors: dict[str, tuple[np.ndarray, str]]) -> Path:
-    """A GGUF v3 file; tensors: name -> (array in numpy row-major order, type name)."""
-    align = 32
-    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(meta))
-    for k, v in meta.items():
-        kb = k.encode()
-        head += struct.pack("<Q", len(kb)) + kb + _kv_value(v)
-    infos, blobs, offset = b"", [], 0
-    for name, (arr, kind) in tensors.items():
-        data = _quantize(arr, kind)
-        nb = name.encode()
-        dims = list(reversed(arr.shape))
-        infos += struct.pack("<Q", len(nb)) + nb + struct.pack("<I", len(dims))
-        infos += struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", _GGML[kind], offset)
-        pad = (-len(data)) % align
-        blobs.append(data + b"\0" * pad)
-        offset += len(data) + pad
-    header = head + infos
-    header += b"\0" * ((-len(header)) % align)
-    path.write_bytes(header + b"".join(blobs))
-    return path
-
-
-def _byte_level_alphabet() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
-
-
-def gpt2_vocab():
-    """A byte-level BPE vocabulary: 3 control tokens, the 256 bytes, a few merges."""
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + _byte_level_alphabet()
-    merges = ["Ġ t", "h e", "Ġt he", "i s", "Ġ a"]
-    tokens += ["Ġt", "he", "Ġthe", "is", "Ġa"]
-    types = [3, 3, 3] + [1] * (len(tokens) - 3)
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-            "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": CHATML}, len(tokens)
-
-
-def spm_vocab():
-    """A SentencePiece vocabulary like Gemma's: controls, <unk>, byte fallback, scored pieces."""
-    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [3, 3, 3, 2] + [6] * 256
-    pieces = ["▁", "e", "t", "a", "o", "h", "s", "▁t", "he", "▁the", "▁a", "is", "▁is", "n", "i", "r"]
-    tokens += pieces + ["<start_of_turn>", "<end_of_turn>"]
-    types += [1] * len(pieces) + [3, 3]
-    scores = [0.0] * 260 + [-float(i) for i in range(len(pieces))] + [0.0, 0.0]
-    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.scores": scores,
-            "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
-            "tokenizer.ggml.unknown_token_id": 3, "tokenizer.ggml.padding_token_id": 0,
-            "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_space_prefix": False}, len(tokens)
+from gguf_writer import (  # noqa: E402  (tests/ is on sys.path under pytest)
+    _FTYPE, CHATML, gpt2_vocab, spm_vocab, write_gguf)
 
 
 def tiny_gguf(path: Path, arch: str, kind: str, *, seed: int = 0) -> Path:

@@ -38,6 +38,7 @@ llama-cpp-python 0.3.36), and why the engine calibrates:
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections import Counter
@@ -153,9 +154,9 @@ def cycle_backend(vocab=12, **kw):
 
 
 def test_registry_and_names():
-    assert {"ngram", "draft"} <= set(S.DRAFTERS)
+    assert {"ngram", "draft", "mtp"} <= set(S.DRAFTERS)
     assert S.drafter_names()[0] == "auto" and S.drafter_names()[-1] == "off"
-    with pytest.raises(S.DrafterError, match="unknown drafter 'nope'; known: auto, draft, ngram"):
+    with pytest.raises(S.DrafterError, match="unknown drafter 'nope'; known: auto, draft, mtp, ngram, off"):
         S.check_name("nope")
     for bad in (0, 65, -1, True, "8", 2.5):
         with pytest.raises(S.DrafterError, match="max_draft must be an integer from 1 to 64"):
@@ -674,6 +675,108 @@ def test_real_mismatched_pair_is_refused(smol, gemma):
         S.check_draft_pair(smol, gemma)
 
 
+# -- mtp: a model's own NextN layers, on a tiny random GLM-4.5-style GGUF ---------------------
+#
+# No model with multi-token-prediction layers can be downloaded here, so the
+# test writes one (tests/gguf_writer.py: tiny_mtp_gguf, arch glm4moe, one
+# decoder layer + one NextN layer, random weights). Random heads guess
+# badly, so acceptance is low; what matters is that the drafts reach the
+# verifier and the output is plain decoding's, token for token.
+
+
+def _tiny_llama_cpp(path, name):
+    pytest.importorskip("llama_cpp")
+    import llama_cpp.llama_cpp as C
+
+    if not hasattr(C, "LLAMA_CONTEXT_TYPE_MTP"):
+        pytest.skip("this llama-cpp-python has no MTP context API")
+    from backends.base import LoadOptions
+    from backends.llamacpp import LlamaCppBackend
+
+    b = LlamaCppBackend()
+    b.load(str(path), LoadOptions(n_ctx=512, n_threads=2, extra={"kv_type": "q8_0/f16", "name": name}))
+    return b
+
+
+@pytest.fixture(scope="module")
+def tiny_mtp(tmp_path_factory):
+    from gguf_writer import tiny_mtp_gguf
+
+    b = _tiny_llama_cpp(tiny_mtp_gguf(tmp_path_factory.mktemp("mtp") / "tiny-mtp.gguf"), "tiny-mtp")
+    yield b
+    b.unload()
+
+
+MTP_PROMPTS = ([5, 70, 80, 90, 100, 33, 44, 55], list(range(40, 140, 3)))
+
+
+def test_mtp_drafts_and_greedy_output_is_plain_decodings(tiny_mtp):
+    ok, why = tiny_mtp.mtp_support()
+    assert ok, why
+    assert "NextN" in tiny_mtp.info.choices["mtp"]
+    for prompt in MTP_PROMPTS:
+        eager = S.SpeculativeEngine(S.MtpDrafter(tiny_mtp), adaptive=False, max_draft=4)
+        auto = S.make_drafter("auto", S.DraftContext(target=tiny_mtp))
+        assert auto.name == "auto(ngram+mtp)"  # no draft model configured: auto drafts with the MTP layers
+        _, (spec, _) = _identical(tiny_mtp, prompt, [eager, S.SpeculativeEngine(auto)], 48)
+        assert spec.stats["drafter"] == "mtp"
+        assert spec.stats["drafted"] > 0, spec.stats  # the drafts were made and verified
+        assert spec.stats["speculative"]["exact_batch"] >= 2, spec.stats
+
+
+def test_mtp_seeded_sampling_is_plain_sampling(tiny_mtp):
+    """Greedy MTP drafts are point masses: a seeded sampled request gives
+    the very text plain decoding gives."""
+    params = SamplingParams(temperature=0.9, top_k=20, seed=11)
+    prompt = MTP_PROMPTS[1]
+    tiny_mtp.truncate(0)
+    plain = generate(tiny_mtp, prompt, params, max_tokens=40)
+    tiny_mtp.truncate(0)
+    engine = S.SpeculativeEngine(S.make_drafter("mtp", S.DraftContext(target=tiny_mtp)), adaptive=False, max_draft=3)
+    spec = generate(tiny_mtp, prompt, params, max_tokens=40, speculative=engine)
+    assert spec.tokens == plain.tokens
+    assert spec.stats["drafted"] > 0
+
+
+def test_mtp_cache_follows_truncation(tiny_mtp):
+    """Drafts depend only on the text: the same text drafts the same after
+    the cache was cut back and evaluated again, and drafting leaves the cache."""
+    prompt = MTP_PROMPTS[1]
+    tiny_mtp.truncate(0)
+    tok = int(np.argmax(tiny_mtp.forward(prompt)[-1]))
+    first = tiny_mtp.mtp_draft(prompt + [tok], 5)
+    assert len(first) == 5 and tiny_mtp.cached_tokens == prompt
+    assert tiny_mtp.mtp_draft(prompt + [tok], 5) == first
+    tiny_mtp.truncate(10)
+    tiny_mtp.forward(prompt[10:])
+    assert tiny_mtp.mtp_draft(prompt + [tok], 5)[0] == first[0]  # the row at the cut is re-evaluated
+    assert tiny_mtp.mtp_draft(prompt + [tok, 7], 3) == []  # not the engine's state: nothing drafted
+
+
+def test_mtp_is_refused_for_a_model_without_nextn_layers(tmp_path):
+    from gguf_writer import tiny_mtp_gguf
+
+    b = _tiny_llama_cpp(tiny_mtp_gguf(tmp_path / "tiny-plain.gguf", nextn=False), "tiny-plain")
+    try:
+        with pytest.raises(S.DrafterError, match=r"model 'tiny-plain' cannot use the 'mtp' drafter: the model has "
+                                                 r"no multi-token-prediction \(NextN\) layers \(architecture glm4moe"):
+            S.make_drafter("mtp", S.DraftContext(target=b))
+        assert S.make_drafter("auto", S.DraftContext(target=b)).name == "auto(ngram)"
+    finally:
+        b.unload()
+    with pytest.raises(S.DrafterError, match=r"model 'table' cannot use the 'mtp' drafter: the table backend has no"):
+        S.make_drafter("mtp", S.DraftContext(target=cycle_backend()))
+
+
+@pytest.mark.slow
+def test_mtp_is_refused_for_smollm2(smol):
+    with pytest.raises(S.DrafterError, match=re.escape(f"model {smol.info.name!r} cannot use the 'mtp' drafter: "
+                                                       "the model has no multi-token-prediction (NextN) layers "
+                                                       "(architecture llama")):
+        S.make_drafter("mtp", S.DraftContext(target=smol))
+    assert S.make_drafter("auto", S.DraftContext(target=smol)).name == "auto(ngram)"
+
+
 # -- through the daemon and the CLI ------------------------------------------------------
 
 import json  # noqa: E402
@@ -705,11 +808,13 @@ async def test_daemon_draft_parameter_stats_and_errors(daemon_factory):
         assert ngram["text"] == off["text"] == default["text"]  # greedy: identical whatever drafts
         assert ngram["stats"]["speculative"]["exact_batch"] >= 2  # the daemon loads with a Q8_0 K cache
 
-        bad = [({"draft": "bogus"}, ErrorCode.INVALID_PARAMS, "unknown drafter 'bogus'; known: auto, draft, ngram"),
+        bad = [({"draft": "bogus"}, ErrorCode.INVALID_PARAMS, "unknown drafter 'bogus'; known: auto, draft, mtp, ngram, off"),
                ({"draft": 3}, ErrorCode.INVALID_PARAMS, "parameter 'draft'"),
                ({"max_draft": 0}, ErrorCode.INVALID_PARAMS, "max_draft must be an integer from 1 to 64"),
                ({"max_draft": 65}, ErrorCode.INVALID_PARAMS, "max_draft must be an integer from 1 to 64"),
                ({"draft": "draft"}, ErrorCode.INVALID_PARAMS, "needs a draft model"),
+               ({"draft": "mtp"}, ErrorCode.INVALID_PARAMS,
+                "cannot use the 'mtp' drafter: the model has no multi-token-prediction (NextN) layers"),
                ({"draft": "draft", "draft_model": "/nonexistent/draft.gguf"}, ErrorCode.MODEL_LOAD_FAILED,
                 "draft model '/nonexistent/draft.gguf'"),
                ({"draft": "draft", "draft_model": "gemma3-270m"}, ErrorCode.MODEL_LOAD_FAILED,
