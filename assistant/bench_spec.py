@@ -216,12 +216,12 @@ def _engine(name: str, backend, args: argparse.Namespace, draft_backend=None):
     if name == "ngram":
         return S.SpeculativeEngine(S.NgramDrafter(), **kw)
     if name == "draft":
-        return S.SpeculativeEngine(S.ModelDrafter(draft_backend), **kw)
+        return S.SpeculativeEngine(S.ModelDrafter(draft_backend, backend), **kw)
     if name == "mtp":
         return S.SpeculativeEngine(S.MtpDrafter(backend), **kw)
     if name == "auto":
         if draft_backend is not None:
-            model = S.ModelDrafter(draft_backend)
+            model = S.ModelDrafter(draft_backend, backend)
         else:  # what the daemon does: the model's MTP layers where it has them
             model = S.MtpDrafter(backend) if backend.mtp_support()[0] else None
         return S.SpeculativeEngine(S.AutoDrafter(S.NgramDrafter(), model), **kw)

@@ -64,6 +64,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -305,11 +306,20 @@ class ModelDrafter:
     the rejection rule."""
 
     name = "draft"
+    needs_costs = True  # the engine measures verify costs before its first proposal
 
-    def __init__(self, model: Backend):
+    def __init__(self, model: Backend, target: Backend | None = None):
         self.model = model
         self._sampler: Sampler | None = None
         self.step_s: float | None = None  # measured time of one draft step
+        # Before the first draft is timed: a draft step costs about what its
+        # weights weigh against the target's (decoding reads every weight once
+        # per token), so a draft model as big as the target is never tried.
+        self.relative_cost: float | None = None
+        if target is not None:
+            mine, theirs = _weights_bytes(model), _weights_bytes(target)
+            if mine and theirs:
+                self.relative_cost = mine / theirs
 
     def begin(self, tokens: list[int], params: SamplingParams) -> None:
         if params.greedy:
@@ -331,7 +341,9 @@ class ModelDrafter:
             n += 1
         m.truncate(n)
         n = len(m.cached_tokens)  # a cache that could not be cut there was cleared
+        catch_up = len(tokens) - n
         logits = m.forward(tokens[n:])[-1]
+        t1 = time.perf_counter()
         out: list[int] = []
         q: list[tuple[np.ndarray, np.ndarray]] | None = None if self._sampler is None else []
         for i in range(k):
@@ -344,9 +356,13 @@ class ModelDrafter:
             out.append(tok)
             if i + 1 < k:
                 logits = m.forward((tok,))[-1]
-        dt = time.perf_counter() - t0
-        per = dt / k
-        self.step_s = per if self.step_s is None else 0.8 * self.step_s + 0.2 * per
+        t2 = time.perf_counter()
+        dt = t2 - t0
+        # The time of one draft step: catching up with many tokens (the prompt,
+        # text written while drafting was off) is a one-off, not a step.
+        per = dt / k if catch_up <= 2 else ((t2 - t1) / (k - 1) if k > 1 else None)
+        if per is not None:
+            self.step_s = per if self.step_s is None else 0.8 * self.step_s + 0.2 * per
         return Draft(out, "draft", q, dt)
 
     def close(self) -> None:
@@ -367,6 +383,7 @@ class MtpDrafter:
     The backend keeps its MTP cache in step with the target's lazily."""
 
     name = "mtp"
+    needs_costs = True
 
     def __init__(self, target: Backend):
         ok, why = _mtp_support(target)
@@ -409,6 +426,14 @@ class AutoDrafter:
     def step_s(self) -> float | None:
         return self.model.step_s if self.model is not None else None
 
+    @property
+    def relative_cost(self) -> float | None:
+        return getattr(self.model, "relative_cost", None)
+
+    @property
+    def needs_costs(self) -> bool:
+        return self.model is not None
+
     def begin(self, tokens: list[int], params: SamplingParams) -> None:
         self.ngram.begin(tokens, params)
         if self.model is not None:
@@ -439,7 +464,19 @@ def _load_draft(ctx: DraftContext) -> ModelDrafter:
         raise DraftModelError(f"cannot load draft model {ctx.draft_model!r} here")
     model = ctx.load_model(ctx.draft_model)
     check_draft_pair(ctx.target, model, draft_name=ctx.draft_model)
-    return ModelDrafter(model)
+    return ModelDrafter(model, ctx.target)
+
+
+def _weights_bytes(backend: Backend) -> int | None:
+    """Bytes of a loaded model's weight files (a GGUF file, or a folder's
+    *.safetensors), or None where unknown."""
+    try:
+        path = Path(backend.info.path)
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.glob("*.safetensors")) or None
+        return path.stat().st_size
+    except (AttributeError, OSError, TypeError, ValueError):
+        return None
 
 
 def _draft_factory(ctx: DraftContext) -> Drafter:
@@ -579,6 +616,87 @@ def rollback(backend: Backend, n: int, tokens: Sequence[int]) -> None:
 CALIBRATION_CONTEXT = 600
 
 
+# Calibration results are kept on disk (the user cache dir), keyed by what
+# decides them: the model file, the backend and its library version, the load
+# choices (KV cache type, threads, context) and the CPU. The first request
+# that drafts on a model then skips the ~2 s measurement on every later start.
+_BACKEND_DISTS = {"llama.cpp": "llama-cpp-python", "mlx": "mlx"}
+
+
+def _calibration_key(backend: Backend) -> str | None:
+    import hashlib
+    import importlib.metadata
+
+    from .hardware import probe as probe_machine
+
+    try:
+        info = backend.info
+        path = Path(info.path)
+        st = path.stat()
+        version = importlib.metadata.version(_BACKEND_DISTS[info.backend])
+    except (AttributeError, KeyError, OSError, TypeError, ValueError, importlib.metadata.PackageNotFoundError):
+        return None  # a backend we cannot identify (tests' fakes, plugins): measure every time
+    machine = probe_machine()
+    parts = [info.backend, version, str(path.resolve()), str(st.st_size), str(st.st_mtime_ns),
+             str(info.context_length), str(info.n_threads), str(info.choices.get("kv_cache")),
+             str(info.choices.get("flash_attn")), machine.platform_tag, str(machine.cpu_model)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _calibration_file() -> Path:
+    from .paths import cache_dir
+
+    return cache_dir() / "speculative-calibration.json"
+
+
+def _load_calibration(backend: Backend, cm: CostModel, max_batch: int) -> bool:
+    import json
+
+    key = _calibration_key(backend)
+    if key is None:
+        return False
+    try:
+        entry = json.loads(_calibration_file().read_text()).get(key)
+        exact, upto = int(entry["exact_batch"]), int(entry["calibrated_to"])
+        ratios = {int(n): float(r) for n, r in entry["ratios"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False
+    if exact < upto or upto >= max_batch:  # the limit was found, or as far as needed was tried
+        cm.exact_batch, cm.calibrated_to = exact, upto
+        cm.ratios = {n: [r, 1.0] for n, r in ratios.items()}
+        cm._fit = None
+        if cm.step is None and entry.get("step"):
+            cm.step = float(entry["step"])  # a starting value; plain steps refresh it
+        return True
+    return False
+
+
+def _save_calibration(backend: Backend, cm: CostModel) -> None:
+    import json
+    import os
+
+    key = _calibration_key(backend)
+    if key is None or cm.exact_batch is None:
+        return
+    path = _calibration_file()
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = {"model": str(backend.info.path), "exact_batch": cm.exact_batch, "calibrated_to": cm.calibrated_to,
+                 "ratios": {str(n): round(r, 4) for n, (r, _) in cm.ratios.items()}, "step": cm.step,
+                 "saved": time.time()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)  # atomic: two daemons never leave half a file
+    except OSError:
+        pass  # a read-only cache dir costs a calibration per start, nothing else
+
+
 def calibrate(backend: Backend, probe: Sequence[int], max_batch: int) -> CostModel:
     """Measure the largest verify batch (up to ``max_batch``) whose logits equal
     one-token steps bit for bit, and seed the cost model with the timings.
@@ -598,6 +716,8 @@ def calibrate(backend: Backend, probe: Sequence[int], max_batch: int) -> CostMod
     if cm.exact_batch is not None and (cm.exact_batch < cm.calibrated_to or cm.calibrated_to >= max_batch):
         return cm
     if max_batch < 2 or not probe:
+        return cm
+    if cm.exact_batch is None and _load_calibration(backend, cm, max_batch):
         return cm
     probe = [int(t) for t in probe]
     base = list(backend.cached_tokens)
@@ -645,6 +765,7 @@ def calibrate(backend: Backend, probe: Sequence[int], max_batch: int) -> CostMod
         rollback(backend, n0, base)
     cm.exact_batch = good
     cm.calibrated_to = max_batch if bad is None else bad
+    _save_calibration(backend, cm)
     return cm
 
 
@@ -806,7 +927,14 @@ class SpeculativeEngine:
         n_prompt = len(history)
         n_ctx = backend.info.context_length
         params = sampler.params
-        ctl = Controller(cost, self.max_draft, lambda: getattr(drafter, "step_s", None))
+        def draft_step() -> float | None:
+            measured = getattr(drafter, "step_s", None)
+            if measured is not None:
+                return measured
+            relative = getattr(drafter, "relative_cost", None)
+            return None if relative is None else relative * cost.step_cost()
+
+        ctl = Controller(cost, self.max_draft, draft_step)
         eog = list(eog)
         fast = params.greedy and params.repeat_penalty == 1.0 and not eog
         penalised = params.repeat_penalty != 1.0
@@ -841,6 +969,13 @@ class SpeculativeEngine:
                 if self.exact and cost.exact_batch is not None and not self._needs_calibration(cost, room):
                     room = min(room, cost.exact_batch - 1)
                 draft = None
+                if room > 0 and cost.exact_batch is None and getattr(drafter, "needs_costs", False):
+                    # A drafter that costs time (a model) is judged against measured
+                    # verify costs from its first proposal: the prior's guess would
+                    # refuse a cheap draft model on a machine where batches are cheap.
+                    calibrate(backend, history[-64:], min(self.max_draft + 1, n_ctx - cache_len))
+                    if self.exact:
+                        room = min(room, (cost.exact_batch or 1) - 1)
                 if room > 0 and len(history) >= ctl.paused_until:
                     ctl.room = room
                     ctl.position = len(history)

@@ -495,6 +495,67 @@ def test_a_switched_off_class_comes_back_when_the_text_turns_to_copying():
     assert r.stats["accepted"] > 150  # most of the copying part came from drafts
 
 
+def test_a_draft_model_as_heavy_as_the_target_is_never_run(tmp_path):
+    """Before any draft is timed, a draft model's step is estimated from its
+    weights against the target's: one as big as the target would cost a
+    target step per drafted token, so the controller never runs it; a model
+    a tenth the size is tried. (A drafter's first proposal also has to
+    evaluate the whole prompt: trying a hopeless model costs the user.)"""
+    def model(tag, size):
+        b = cycle_backend(vocab=40, delay=0.002, per_token=0.0002)  # cheap verification: drafting can pay
+        (tmp_path / tag).write_bytes(b"x" * size)
+        b._info.path = str(tmp_path / tag)
+        return b
+
+    target = model("target.gguf", 1000)
+    for tag, size, expect_drafts in (("heavy.gguf", 1000, False), ("light.gguf", 100, True)):
+        draft = model(tag, size)
+        drafter = S.ModelDrafter(draft, target)
+        assert drafter.relative_cost == pytest.approx(size / 1000)
+        eng = S.SpeculativeEngine(drafter, max_draft=8)
+        target.truncate(0)
+        r = generate(target, list(range(40)), GREEDY, max_tokens=60, speculative=eng)
+        assert r.tokens == [(i % 40) for i in range(40, 100)]
+        assert (r.stats["drafted"] > 0) is expect_drafts, (tag, r.stats)
+        assert (draft.calls != []) is expect_drafts  # the heavy one never even evaluated the prompt
+
+
+def test_calibration_is_kept_on_disk_and_a_bad_file_is_measured_again(tmp_path, monkeypatch):
+    """What calibrate() measured is stored in the user cache dir, keyed by the
+    model file, backend version and load choices: the next load of the same
+    model finds it without a single forward; another file is measured; a
+    corrupt store is measured over and rewritten."""
+    monkeypatch.setitem(S._BACKEND_DISTS, "table", "numpy")  # give the fake a "library version"
+    weights = tmp_path / "m.gguf"
+    weights.write_bytes(b"weights")
+
+    def fresh(path=weights):
+        b = cycle_backend(vocab=40)
+        b._info.path = str(path)
+        return b
+
+    first = fresh()
+    cm = S.calibrate(first, list(range(40)), 9)
+    assert cm.exact_batch == 9 and first.calls  # measured (the table backend is exact at every size)
+    store = S._calibration_file()
+    assert store.is_file()
+
+    again = fresh()
+    cm2 = S.calibrate(again, list(range(40)), 9)
+    assert again.calls == [] and cm2.exact_batch == 9 and set(cm2.ratios) == set(cm.ratios)
+
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"other weights")
+    b3 = fresh(other)
+    S.calibrate(b3, list(range(40)), 9)
+    assert b3.calls  # not the same model: measured
+
+    store.write_text("{not json")
+    b4 = fresh()
+    assert S.calibrate(b4, list(range(40)), 9).exact_batch == 9 and b4.calls
+    assert S._load_calibration(fresh(), S.CostModel(), 9)  # and the store was rewritten
+
+
 def test_realised_slowdown_pauses_the_request():
     cm = S.CostModel()
     cm.step = 0.010
