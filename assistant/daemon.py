@@ -40,7 +40,7 @@ from .plugins import PluginHost, allow_list_from_env, plugin_dirs, run_in_thread
 from .protocol import PROTOCOL_VERSION, ErrorCode, RPCError
 from . import tools
 from .sampling import SamplingParams
-from .server import Request, RPCServer
+from .server import Request, RPCServer, TextStream
 from . import speculative
 from .store import Store, StoreError
 from .worker import ModelWorker
@@ -638,8 +638,8 @@ class Daemon:
         rid = req.id
         conn = req.conn
 
-        def on_text(text: str) -> None:
-            conn.notify_threadsafe("chat.delta", {"id": rid, "text": text})
+        deltas = TextStream(conn, "chat.delta", {"id": rid})
+        on_text = deltas.push
 
         def work(conversation):
             backend = worker.backend
@@ -661,6 +661,8 @@ class Daemon:
                 raise RPCError(ErrorCode.MODEL_LOAD_FAILED, str(exc), {"draft_model": spec["draft_model"]}) from None
             except speculative.DrafterError as exc:
                 raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+            finally:
+                deltas.flush()  # every delta goes out before the tool calls or the final response
             texts.append(gen.text)
             completion_tokens += gen.stats.get("completion_tokens") or 0
             calls = tools.parse_calls(gen.text) if allowed_tools else []

@@ -102,12 +102,18 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="as-bench-", dir="/tmp"))
     sock = home / "d.sock"
     cfg = home / "config.yaml"
-    cfg.write_text(f"model: {args.model}\nthreads: {args.threads}\ncontext: {args.context}\n")
+    # Drafting off in the daemon's config too: with a drafter the daemon loads
+    # models with a Q8_0 K cache (see backends/llamacpp.py), and this compares
+    # the daemon with llama-cpp-python on the same arithmetic (F16 KV cache).
+    cfg.write_text(f"model: {args.model}\nthreads: {args.threads}\ncontext: {args.context}\n"
+                   "speculative:\n  drafter: 'off'\n")
     env = {**os.environ, "XDG_DATA_HOME": str(home / "data"), "XDG_STATE_HOME": str(home / "state")}
     daemon = subprocess.Popen([sys.executable, "-m", "assistant", "--socket", str(sock), "--config", str(cfg),
                                "serve", "--quiet"], env=env, cwd=str(ROOT))
+    # flash_attn=True: llama.cpp's own default ("auto", on for the CPU), which the
+    # daemon keeps; llama-cpp-python's Llama turns it off unless asked.
     llm = Llama(model_path=str(spec.path), n_ctx=args.context, n_threads=args.threads,
-                n_threads_batch=args.threads, verbose=False)
+                n_threads_batch=args.threads, flash_attn=True, verbose=False)
     messages = [{"role": "user", "content": PROMPT}]
 
     async def run() -> int:
