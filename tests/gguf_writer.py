@@ -140,6 +140,19 @@ def spm_vocab():
             "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_space_prefix": False}, len(tokens)
 
 
+def random_weights(rng: np.random.Generator):
+    """(w, norm): random matrices scaled like trained ones (1/sqrt(fan-in)
+    unless ``scale`` says otherwise) and norm weights near 1."""
+
+    def w(*shape, scale=None):
+        return (rng.standard_normal(shape) * (scale or shape[-1] ** -0.5)).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    return w, norm
+
+
 def tiny_mtp_gguf(path: Path, *, nextn: bool = True, kind: str = "Q8_0", seed: int = 0) -> Path:
     """A random tiny GLM-4.5-style model (llama.cpp arch ``glm4moe``): one dense
     decoder layer and, with ``nextn``, one multi-token-prediction (NextN) layer
@@ -155,11 +168,7 @@ def tiny_mtp_gguf(path: Path, *, nextn: bool = True, kind: str = "Q8_0", seed: i
     n_head, n_kv, hd = 2, 1, 32
     vocab_meta, V = gpt2_vocab()
 
-    def w(*shape, scale=None):
-        return (rng.standard_normal(shape) * (scale or shape[-1] ** -0.5)).astype(np.float32)
-
-    def norm(n):
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    w, norm = random_weights(rng)
 
     n_all = 2 if nextn else 1
     t = {"token_embd.weight": (w(V, E, scale=1.0), kind), "output_norm.weight": (norm(E), "F32"),

@@ -37,7 +37,7 @@ mlx_installed = importlib.util.find_spec("mlx") is not None and importlib.util.f
 needs_mlx = pytest.mark.skipif(not mlx_installed, reason="the mlx extra is not installed")
 
 from gguf_writer import (  # noqa: E402  (tests/ is on sys.path under pytest)
-    _FTYPE, CHATML, gpt2_vocab, spm_vocab, write_gguf)
+    _FTYPE, CHATML, gpt2_vocab, random_weights, spm_vocab, write_gguf)
 
 
 def tiny_gguf(path: Path, arch: str, kind: str, *, seed: int = 0) -> Path:
@@ -51,11 +51,7 @@ def tiny_gguf(path: Path, arch: str, kind: str, *, seed: int = 0) -> Path:
         n_layer, n_head, n_kv, hd = 6, 2, 1, 32
         vocab_meta, V = spm_vocab()
 
-    def w(*shape, scale=None):
-        return (rng.standard_normal(shape) * (scale or shape[-1] ** -0.5)).astype(np.float32)
-
-    def norm(n):
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    w, norm = random_weights(rng)
 
     t = {"token_embd.weight": (w(V, E, scale=1.0), kind), "output_norm.weight": (norm(E), "F32")}
     for i in range(n_layer):
