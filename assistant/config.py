@@ -362,8 +362,11 @@ class Config:
     plugin_dirs: list[str] = field(default_factory=list)
     plugins: dict[str, Any] = field(default_factory=dict)
     tui: TuiSettings = field(default_factory=TuiSettings)
-    # Not a config key: the file this came from, None when none existed.
+    # Not config keys: the file this came from (None when none existed), and
+    # the dotted keys the file set (a default the user did not choose may give
+    # way to a model's own recommendation, as for generation).
     source: Path | None = None
+    given: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The effective config (defaults merged) as plain data, in schema order."""
@@ -450,7 +453,7 @@ def _validate(root: yaml.Node | None, loader: yaml.SafeLoader | None, path: Path
     if root is not None and not _is_null(root) and not isinstance(root, yaml.MappingNode):
         raise checker.error(root, None, f"the top level must be a mapping of keys, got {_kind_of(root)}")
     values = checker.section(SCHEMA, None if root is None or _is_null(root) else root, "", None)
-    return Config(**values, source=path)
+    return Config(**values, source=path, given=frozenset(checker.given))
 
 
 class _Checker:
@@ -459,6 +462,7 @@ class _Checker:
     def __init__(self, loader: yaml.SafeLoader | None, path: Path | None) -> None:
         self.loader = loader
         self.path = path
+        self.given: set[str] = set()  # dotted keys present (and not null) in the file
 
     def error(self, node: yaml.Node | None, key: str | None, detail: str,
               mark: yaml.Mark | None = None) -> ConfigError:
@@ -468,6 +472,8 @@ class _Checker:
 
     def value(self, spec: Field, node: yaml.Node | None, key: str, key_mark: yaml.Mark | None) -> Any:
         """Check one value (node None: the key was absent) and return it with defaults filled in."""
+        if node is not None and not _is_null(node):
+            self.given.add(key)
         if spec.kind == "section":
             # A section whose children are all commented out reads as null: same as absent.
             if node is not None and not _is_null(node) and not isinstance(node, yaml.MappingNode):

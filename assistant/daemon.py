@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import fnmatch
 import inspect
 import errno
@@ -34,7 +35,7 @@ from backends.base import BackendError, BackendUnavailable, ContextOverflowError
 from . import __version__, hardware, paths
 from .config import Config
 from .generation import generate
-from .models import ModelNotFoundError, list_models, resolve_model
+from .models import ModelNotFoundError, ModelSpec, list_models, resolve_model
 from .profiles import apply_profile
 from .plugins import PluginHost, allow_list_from_env, plugin_dirs, run_in_thread
 from .protocol import PROTOCOL_VERSION, ErrorCode, RPCError
@@ -549,8 +550,15 @@ class Daemon:
 
     # chat
 
-    def _sampling(self, p: dict[str, Any]) -> tuple[SamplingParams, int]:
+    def _sampling(self, p: dict[str, Any], model: ModelSpec | None = None) -> tuple[SamplingParams, int]:
+        """The request's sampling: its own parameters, else the config's
+        generation keys, else (for keys the config file does not set) what
+        the model comes with, else the built-in defaults."""
         g = self.config.generation
+        own = (model.generation if model is not None else None) or {}
+        if own:
+            g = dataclasses.replace(g, **{k: v for k, v in own.items()
+                                          if f"generation.{k}" not in self.config.given and hasattr(g, k)})
         num = (int, float)
         params = SamplingParams(
             temperature=float(param(p, "temperature", num, g.temperature, lambda v: 0 <= v <= 100, "a number >= 0")),
@@ -634,6 +642,7 @@ class Daemon:
         messages = self._alternate(messages)
 
         worker = await self.get_model(model_name, backend=param(p, "backend", str, None))
+        sampling, max_tokens = self._sampling(p, worker.spec)  # checked above; now with the model's defaults
         spec = {**self._spec_settings(worker.key), **spec_request}
         rid = req.id
         conn = req.conn

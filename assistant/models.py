@@ -60,6 +60,8 @@ class ModelSpec:
     paths: dict[str, Path] = dataclasses.field(default_factory=dict)
     # Why ``path`` cannot be used, when it is missing but ``paths`` may hold one for the chosen backend.
     missing: str | None = None
+    # Sampling defaults the model comes with (built-ins); the config's generation keys win.
+    generation: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def for_backend(self, backend: str, *, check: bool = True) -> "ModelSpec":
         """This model as the backend called ``backend`` will load it.
@@ -99,6 +101,8 @@ class _Builtin:
     locate: Callable[[], Path]  # where the file is (or will be), without creating it
     present: Callable[[Path], bool]  # whether it is there and complete
     ensure: Callable[[], Path]  # the file, creating it if needed
+    # The sampling its makers recommend, used where the config does not set a key.
+    generation: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _smollm2_path() -> Path:
@@ -205,6 +209,9 @@ BUILTINS: dict[str, _Builtin] = {
         locate=_smollm2_path,
         present=lambda p: p.is_file(),
         ensure=_smollm2_ensure,
+        # The model card's settings (HuggingFaceTB/SmolLM2-135M-Instruct): at the global
+        # default (0.7) a model this small often drifts into another language.
+        generation={"temperature": 0.2, "top_p": 0.9},
     ),
     "gemma3-270m": _Builtin(
         name="gemma3-270m",
@@ -308,7 +315,7 @@ def resolve_model(name: str | None, config: Any | None = None, *, ensure: bool =
 def _builtin_spec(name: str, *, ensure: bool) -> ModelSpec:
     b = BUILTINS[name]
     path = b.ensure() if ensure else b.locate()
-    return ModelSpec(name=name, path=path, builtin=True)
+    return ModelSpec(name=name, path=path, builtin=True, generation=dict(b.generation))
 
 
 def list_models(config: Any | None = None) -> list[dict[str, Any]]:

@@ -112,7 +112,7 @@ def test_example_models_block_is_valid_when_uncommented(tmp_path):
 
 def test_dataclasses_match_schema():
     def names(cls):
-        return [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "given")]  # not keys
 
     assert names(Config) == list(cfg.SCHEMA)
     assert names(GenerationDefaults) == list(cfg.GENERATION_FIELDS)
@@ -403,3 +403,16 @@ def test_expected_text_comes_from_the_schema():
     assert cfg.SCHEMA["context"].expected() == "'auto' or an integer >= 256"
     assert cfg.GENERATION_FIELDS["seed"].expected() == "an integer or null"
     assert cfg.SCHEMA["backend"].expected() == "one of auto, llama.cpp, mlx"
+
+
+def test_the_keys_a_file_sets_are_known(tmp_path):
+    """Config.given: the dotted keys the file sets (a null counts as unset),
+    so a model's own recommendation can fill in only what the user left out."""
+    config = load_config(write(tmp_path, """
+        generation: {top_k: 5, seed: null}
+        speculative:
+          drafter: ngram
+    """))
+    assert {"generation.top_k", "speculative.drafter"} <= config.given
+    assert "generation.temperature" not in config.given and "generation.seed" not in config.given
+    assert Config().given == frozenset()

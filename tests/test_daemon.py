@@ -375,3 +375,30 @@ def test_cli_reports_no_daemon_clearly(isolated_home):
     out = run_cli("status", socket_path=short_socket_path())
     assert out.returncode == 1
     assert "no daemon is listening" in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_the_model_own_sampling_defaults_apply_unless_the_config_sets_them(daemon_factory):
+    """SmolLM2 comes with its card's sampling (temperature 0.2, top_p 0.9):
+    a request that names no sampling uses them, seeded, so it writes what a
+    request naming them writes. A key the config file sets wins over the
+    model's, and a request's own parameter over both."""
+    prompt = "Write a short poem about the sea."
+
+    async def text(c, **kw):
+        return (await (await c.chat(prompt=prompt, max_tokens=40, seed=5, **kw)).result())["text"]
+
+    d = daemon_factory().start()
+    async with await connect(d) as c:
+        plain = await text(c)
+        card = await text(c, temperature=0.2, top_p=0.9)
+        global_default = await text(c, temperature=0.7, top_p=0.95)
+    d.stop()
+    assert plain == card
+    assert plain != global_default  # the test can tell the two apart
+
+    d.config.write_text(TEST_CONFIG + "generation:\n  temperature: 0.7\n")  # the next daemon reads this
+    d = daemon_factory().start()
+    async with await connect(d) as c:
+        configured = await text(c)
+        assert configured == await text(c, temperature=0.7, top_p=0.9)  # top_p still the model's
+        assert await text(c, temperature=0.2) == card  # the request wins
