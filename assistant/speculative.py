@@ -35,7 +35,8 @@ Correctness:
   one-token step. llama.cpp does so only up to a batch size that depends on
   the model's tensor types and the CPU (see :func:`calibrate`, and the
   figures in tests/test_speculative.py): the engine measures that size once
-  per loaded model and never verifies more tokens at once (``exact=True``).
+  per model file and machine (kept in the user cache dir) and never
+  verifies more tokens at once (``exact=True``).
 - Temperature > 0: the rejection rule of Leviathan et al. / Chen et al.:
   accept draft token d with probability min(1, p(d)/q(d)), on rejection
   sample from the normalised residual max(0, p - q); the output is then
