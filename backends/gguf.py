@@ -7,6 +7,7 @@ Spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -43,6 +44,27 @@ class _Reader:
             raise ModelLoadError(f"{self.path}: corrupt GGUF header (string of {n} bytes)")
         return self.read(n).decode("utf-8", errors="replace")
 
+    def _skip_strings(self, count: int) -> None:
+        """Step over ``count`` length-prefixed strings (a vocabulary: 262,144
+        for Gemma 3) by walking a buffer rather than reading per string."""
+        f, unpack_from = self.f, struct.unpack_from
+        buf, pos = b"", 0
+        for _ in range(count):
+            if pos + 8 > len(buf):
+                if pos > len(buf):  # the last string ran past the buffer
+                    f.seek(pos - len(buf), 1)
+                    buf, pos = b"", 0
+                buf, pos = buf[pos:] + f.read(1 << 20), 0
+                if len(buf) < 8:
+                    raise ModelLoadError(f"{self.path}: truncated GGUF header (file ends early)")
+            n = unpack_from("<Q", buf, pos)[0]
+            if n > 1 << 28:
+                raise ModelLoadError(f"{self.path}: corrupt GGUF header (string of {n} bytes)")
+            pos += 8 + n
+        f.seek(pos - len(buf), 1)  # to just after the last string (back, or forward past the buffer)
+        if f.tell() > os.fstat(f.fileno()).st_size:
+            raise ModelLoadError(f"{self.path}: truncated GGUF header (file ends early)")
+
     def value(self, vtype: int, keep_arrays: bool) -> Any:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
@@ -54,6 +76,9 @@ class _Reader:
                 raise ModelLoadError(f"{self.path}: corrupt GGUF header (array of {count} items)")
             if etype in _SCALARS and not keep_arrays:
                 self.f.seek(struct.calcsize(_SCALARS[etype]) * count, 1)
+                return {"array_of": etype, "length": count}
+            if etype == 8 and not keep_arrays:
+                self._skip_strings(count)
                 return {"array_of": etype, "length": count}
             items = [self.value(etype, keep_arrays) for _ in range(count)]
             return items if keep_arrays else {"array_of": etype, "length": count}
