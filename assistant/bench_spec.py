@@ -208,24 +208,15 @@ class _Lookup:
 
 
 def _engine(name: str, backend, args: argparse.Namespace, draft_backend=None):
+    """The engine the daemon would build for drafter ``name`` (None: plain)."""
     from . import speculative as S
 
     if name == "plain":
         return None
     kw = {} if args.max_draft is None else {"max_draft": args.max_draft}
-    if name == "ngram":
-        return S.SpeculativeEngine(S.NgramDrafter(), **kw)
-    if name == "draft":
-        return S.SpeculativeEngine(S.ModelDrafter(draft_backend, backend), **kw)
-    if name == "mtp":
-        return S.SpeculativeEngine(S.MtpDrafter(backend), **kw)
-    if name == "auto":
-        if draft_backend is not None:
-            model = S.ModelDrafter(draft_backend, backend)
-        else:  # what the daemon does: the model's MTP layers where it has them
-            model = S.MtpDrafter(backend) if backend.mtp_support()[0] else None
-        return S.SpeculativeEngine(S.AutoDrafter(S.NgramDrafter(), model), **kw)
-    raise ValueError(name)
+    ctx = S.DraftContext(target=backend, draft_model="draft" if draft_backend is not None else None,
+                         load_model=lambda _name: draft_backend, **kw)
+    return S.SpeculativeEngine(S.make_drafter(name, ctx), **kw)
 
 
 def _section(title: str, backend, methods: list[str], prompts: list[str], args: argparse.Namespace,

@@ -98,10 +98,6 @@ class Connection:
     def notify(self, method: str, params: dict[str, Any]) -> None:
         self.send(notification(method, params))
 
-    def notify_threadsafe(self, method: str, params: dict[str, Any]) -> None:
-        """For worker threads: queue a notification onto the event loop."""
-        self.server.loop.call_soon_threadsafe(self.notify, method, params)
-
     def abort(self, why: str) -> None:
         if self.closed:
             return

@@ -126,6 +126,16 @@ class Drafter(Protocol):
     def close(self) -> None:
         """The request is over."""
 
+    # Optional, for drafters that spend time drafting (a model):
+    #   needs_costs: bool  -- the engine measures verify costs before the first proposal
+    #   token_cost(cls, plain_step) -> float  -- seconds per drafted token of class cls
+    # A drafter without token_cost drafts for free (prompt lookup).
+
+
+def _ema(old: float | None, new: float) -> float:
+    """A measured time that follows the recent ones."""
+    return new if old is None else 0.8 * old + 0.2 * new
+
 
 @dataclass
 class DraftContext:
@@ -363,8 +373,14 @@ class ModelDrafter:
         # text written while drafting was off) is a one-off, not a step.
         per = dt / k if catch_up <= 2 else ((t2 - t1) / (k - 1) if k > 1 else None)
         if per is not None:
-            self.step_s = per if self.step_s is None else 0.8 * self.step_s + 0.2 * per
+            self.step_s = _ema(self.step_s, per)
         return Draft(out, "draft", q, dt)
+
+    def token_cost(self, cls: str, plain_step: float) -> float:
+        """Measured seconds per draft step, else the weight-based estimate, else free."""
+        if self.step_s is not None:
+            return self.step_s
+        return self.relative_cost * plain_step if self.relative_cost is not None else 0.0
 
     def close(self) -> None:
         self._sampler = None
@@ -405,9 +421,11 @@ class MtpDrafter:
         dt = time.perf_counter() - t0
         if not out:
             return None
-        per = dt / len(out)
-        self.step_s = per if self.step_s is None else 0.8 * self.step_s + 0.2 * per
+        self.step_s = _ema(self.step_s, dt / len(out))
         return Draft(out, "mtp", None, dt)
+
+    def token_cost(self, cls: str, plain_step: float) -> float:
+        return self.step_s or 0.0
 
     def close(self) -> None:
         pass
@@ -424,16 +442,14 @@ class AutoDrafter:
         self.name = f"auto(ngram+{model.name})" if model is not None else "auto(ngram)"
 
     @property
-    def step_s(self) -> float | None:
-        return self.model.step_s if self.model is not None else None
-
-    @property
-    def relative_cost(self) -> float | None:
-        return getattr(self.model, "relative_cost", None)
-
-    @property
     def needs_costs(self) -> bool:
         return self.model is not None
+
+    def token_cost(self, cls: str, plain_step: float) -> float:
+        """The model's drafts cost its steps; prompt lookup's are free."""
+        if self.model is not None and cls == self.model.name:
+            return self.model.token_cost(cls, plain_step)
+        return 0.0
 
     def begin(self, tokens: list[int], params: SamplingParams) -> None:
         self.ngram.begin(tokens, params)
@@ -799,10 +815,10 @@ class Controller:
     """Picks the draft length from measured acceptance and cost; pauses
     drafting for the request when recent verify steps did not pay."""
 
-    def __init__(self, cost: CostModel, max_draft: int, draft_step: Callable[[], float | None]):
+    def __init__(self, cost: CostModel, max_draft: int, token_cost: Callable[[str], float]):
         self.cost = cost
         self.max_draft = max_draft
-        self.draft_step = draft_step  # seconds per drafted token (model drafters), None: free
+        self.token_cost = token_cost  # class -> seconds per drafted token (0: free, as prompt lookup)
         self.stats: dict[str, list[float]] = {}
         self.room = 0  # set by the engine before each proposal
         self.window: list[tuple[float, float]] = []  # (tokens gained * plain step, seconds)
@@ -863,7 +879,7 @@ class Controller:
     def _best(self, cls: str, k_max: int) -> int:
         a = self.alpha(cls)
         c1 = self.cost.step_cost()
-        extra = (self.draft_step() or 0.0) if cls in ("draft", "mtp") else 0.0
+        extra = self.token_cost(cls)
         best_k, best = 0, 1.03  # drafting must beat plain decoding by a margin
         expected = 1.0
         power = 1.0
@@ -931,14 +947,9 @@ class SpeculativeEngine:
         n_prompt = len(history)
         n_ctx = backend.info.context_length
         params = sampler.params
-        def draft_step() -> float | None:
-            measured = getattr(drafter, "step_s", None)
-            if measured is not None:
-                return measured
-            relative = getattr(drafter, "relative_cost", None)
-            return None if relative is None else relative * cost.step_cost()
-
-        ctl = Controller(cost, self.max_draft, draft_step)
+        drafter_cost = getattr(drafter, "token_cost", None)
+        ctl = Controller(cost, self.max_draft,
+                         (lambda cls: drafter_cost(cls, cost.step_cost())) if drafter_cost else (lambda cls: 0.0))
         eog = list(eog)
         fast = params.greedy and params.repeat_penalty == 1.0 and not eog
         penalised = params.repeat_penalty != 1.0
@@ -948,6 +959,11 @@ class SpeculativeEngine:
                 row = row.copy()
                 row[eog] = -np.inf
             return sampler.sample(row, hist)
+
+        def calibrated(room: int) -> int:
+            """Measure the exact verify batch and the costs now; the room left to draft."""
+            calibrate(backend, history[-64:], min(self.max_draft + 1, n_ctx - cache_len))
+            return min(room, (cost.exact_batch or 1) - 1) if self.exact else room
 
         drafted = accepted = verifies = 0
         draft_s = 0.0
@@ -977,17 +993,13 @@ class SpeculativeEngine:
                     # A drafter that costs time (a model) is judged against measured
                     # verify costs from its first proposal: the prior's guess would
                     # refuse a cheap draft model on a machine where batches are cheap.
-                    calibrate(backend, history[-64:], min(self.max_draft + 1, n_ctx - cache_len))
-                    if self.exact:
-                        room = min(room, (cost.exact_batch or 1) - 1)
+                    room = calibrated(room)
                 if room > 0 and len(history) >= ctl.paused_until:
                     ctl.room = room
                     ctl.position = len(history)
                     draft = drafter.propose(history, choose)
                     if draft and self.exact and self._needs_calibration(cost, room):
-                        # First draft on this model: find the largest exact verify batch.
-                        calibrate(backend, history[-64:], min(self.max_draft + 1, n_ctx - cache_len))
-                        room = min(room, (cost.exact_batch or 1) - 1)
+                        room = calibrated(room)  # first draft on this model: find the largest exact batch
                 if not draft or not draft.tokens or room <= 0:
                     t0 = time.perf_counter()
                     row = backend.forward((tok,))[-1]

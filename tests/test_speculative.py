@@ -439,7 +439,7 @@ def test_controller_picks_long_drafts_only_when_they_pay():
     for n in (2, 4, 8, 16, 32):
         cm.observe_verify(n, 0.010 + 0.005 * (n - 1))  # a batch token costs half a step
     assert cm.verify_cost(12) == pytest.approx(0.010 + 0.005 * 11)
-    ctl = S.Controller(cm, 32, lambda: None)
+    ctl = S.Controller(cm, 32, lambda cls: 0.0)
     ctl.room = 32
     assert 2 <= ctl.choose("ngram:16+", 100) <= 12  # the prior (96%): middling drafts
     ctl.record("ngram:16+", 40, 40)  # then it copies: measured acceptance near 1
@@ -456,7 +456,7 @@ def test_controller_picks_long_drafts_only_when_they_pay():
     cm2.step = 0.010
     for n in (2, 8, 32):
         cm2.observe_verify(n, 0.010 * n)  # verification as dear as plain steps: never draft
-    ctl2 = S.Controller(cm2, 32, lambda: None)
+    ctl2 = S.Controller(cm2, 32, lambda cls: 0.0)
     ctl2.room = 32
     assert ctl2.choose("ngram:16+", 100) == 0
 
@@ -559,7 +559,7 @@ def test_calibration_is_kept_on_disk_and_a_bad_file_is_measured_again(tmp_path, 
 def test_realised_slowdown_pauses_the_request():
     cm = S.CostModel()
     cm.step = 0.010
-    ctl = S.Controller(cm, 8, lambda: None)
+    ctl = S.Controller(cm, 8, lambda cls: 0.0)
     for i in range(6):
         ctl.verified(1, 0.030, position=100 + i)  # one token per 3 steps' time
     assert ctl.pauses == 1 and ctl.paused_until == 105 + S.PAUSE_START
