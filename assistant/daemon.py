@@ -381,6 +381,9 @@ class Daemon:
             # the K cache is not F16/F32 (see backends/llamacpp.py): greedy
             # identity needs it. Q8_0 K with F16 V costs plain decoding nothing.
             options.extra["kv_type"] = "q8_0/f16"
+        elif backend_name == "llama.cpp":
+            # No drafting configured: no MTP layers, context or hidden-state copies per token.
+            options.extra["mtp"] = False
         try:
             instance = get_backend_class(backend_name)()
         except BackendUnavailable as exc:

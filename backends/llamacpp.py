@@ -455,8 +455,7 @@ class LlamaCppBackend(Backend):
             mparams.n_gpu_layers = int(extra["n_gpu_layers"])
         # Multi-token-prediction (NextN) layers are loaded only when asked for;
         # ask where the file has them, unless extra={"mtp": False}.
-        n_nextn = _nextn_layers(p)
-        want_mtp = n_nextn > 0 and bool(extra.get("mtp", True)) and hasattr(mparams, "load_mtp")
+        want_mtp = bool(extra.get("mtp", True)) and hasattr(mparams, "load_mtp") and _nextn_layers(p) > 0
         if want_mtp:
             mparams.load_mtp = True
         _LOG_TAIL.clear()
@@ -662,7 +661,7 @@ class LlamaCppBackend(Backend):
                              f"(architecture {arch}, nextn_predict_layers absent or 0)")
             return
         if not extra.get("mtp", True):
-            self._mtp_why = "MTP was turned off when the model was loaded (extra mtp=False)"
+            self._mtp_why = "its MTP layers were not loaded (the model was loaded with drafting off)"
             choices["mtp"] = self._mtp_why
             return
         try:

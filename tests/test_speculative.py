@@ -829,6 +829,25 @@ def test_mtp_is_refused_for_a_model_without_nextn_layers(tmp_path):
         S.make_drafter("mtp", S.DraftContext(target=cycle_backend()))
 
 
+def test_mtp_layers_are_not_set_up_when_the_model_loads_with_drafting_off(tmp_path):
+    """What the daemon asks for when its drafter is off: no MTP context and
+    no hidden-state copies per token; asking for mtp then says why not."""
+    from gguf_writer import tiny_mtp_gguf
+
+    pytest.importorskip("llama_cpp")
+    from backends.base import LoadOptions
+    from backends.llamacpp import LlamaCppBackend
+
+    b = LlamaCppBackend()
+    b.load(str(tiny_mtp_gguf(tmp_path / "tiny-mtp.gguf")), LoadOptions(n_ctx=256, n_threads=2, extra={"mtp": False}))
+    try:
+        assert b._mtp is None
+        with pytest.raises(S.DrafterError, match="its MTP layers were not loaded"):
+            S.make_drafter("mtp", S.DraftContext(target=b))
+    finally:
+        b.unload()
+
+
 @pytest.mark.slow
 def test_mtp_is_refused_for_smollm2(smol):
     with pytest.raises(S.DrafterError, match=re.escape(f"model {smol.info.name!r} cannot use the 'mtp' drafter: "
