@@ -99,7 +99,9 @@ async def test_question_streams_answer_and_fills_the_footer(daemon_factory, monk
                     "the reply", REPLY)
         reply = app.query_one(ChatView).last("assistant")
         assert "Paris" in reply.text
-        assert len(writes) >= 3, "the answer should arrive as a stream of deltas"
+        # The daemon sends the first piece at once and joins later ones arriving
+        # within 20 ms (server.TextStream): a short reply comes in 2+ writes.
+        assert len(writes) >= 2, "the answer should arrive as a stream of deltas"
         assert "".join(writes) == reply.text
         md = reply.query_one("Markdown")
         assert "Paris" in md.source
