@@ -6,7 +6,7 @@ Plugins mark their hook functions with ``@assistant.hookimpl``."""
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .hookspecs import hookimpl, hookspec
+    from assistant.hookspecs import hookimpl, hookspec
 
 __all__ = ["hookimpl", "hookspec", "__version__"]
 
@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
     # Imported on first use (PEP 562): pluggy and importlib.metadata cost ~50 ms,
     # which every command (and the TUI's first frame) would pay otherwise.
     if name in ("hookimpl", "hookspec"):
-        from . import hookspecs
+        from assistant import hookspecs
 
         return getattr(hookspecs, name)
     if name == "__version__":

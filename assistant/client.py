@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from . import paths
-from .protocol import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION, ErrorCode, RPCError, encode, request
+from assistant import paths
+from assistant.protocol import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION, ErrorCode, RPCError, encode, request
 
 
 class DaemonNotRunning(ConnectionError):

@@ -3,7 +3,7 @@ hooks a third-party plugin uses. It is always loaded, even with --no-plugins."""
 
 from __future__ import annotations
 
-from .hookspecs import hookimpl
+from assistant.hookspecs import hookimpl
 
 
 @hookimpl
@@ -16,7 +16,7 @@ def register_backends(register):
 
 @hookimpl
 def register_drafters(register):
-    from .speculative import BUILTIN_DRAFTERS
+    from assistant.inference.speculative import BUILTIN_DRAFTERS
 
     for name, factory in BUILTIN_DRAFTERS.items():
         register(name, factory)

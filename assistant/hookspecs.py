@@ -60,7 +60,7 @@ def register_backends(register, settings):
 def register_drafters(register, settings):
     """Add speculative-decoding drafters: ``register(name, factory)``.
 
-    See ``assistant.speculative`` for the drafter interface. The built-in
+    See ``assistant.inference.speculative`` for the drafter interface. The built-in
     drafters register through this hook too.
     """
 

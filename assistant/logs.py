@@ -6,7 +6,7 @@ import logging
 import logging.handlers
 import sys
 
-from . import paths
+from assistant import paths
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 

@@ -34,7 +34,7 @@ from typing import Any, Iterable
 import pytest
 import yaml
 
-from .client import Client
+from assistant.client import Client
 
 
 def short_socket_path() -> Path:

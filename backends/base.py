@@ -1,7 +1,7 @@
 """The interface every inference backend implements.
 
 A backend owns one loaded model and its KV cache (a single sequence). It is
-driven from exactly one worker thread (see ``assistant.worker``), so
+driven from exactly one worker thread (see ``assistant.daemon.worker``), so
 implementations need no locking of their own.
 
 The generation loop, the sampler and the speculative-decoding engine all live

@@ -496,7 +496,7 @@ class LlamaCppBackend(Backend):
             n_threads = int(options.n_threads)
             choices["threads"] = f"{n_threads}: set in config"
         else:
-            from assistant import hardware
+            from assistant.machine import hardware
 
             machine = hardware.probe()
             n_threads, why = hardware.pick_threads(machine)
@@ -511,7 +511,7 @@ class LlamaCppBackend(Backend):
         requested = int(options.n_ctx) if options.n_ctx else None
         if requested is not None and requested < 16:
             raise ModelLoadError(f"context size {requested} is too small (at least 16 tokens)")
-        from assistant import hardware
+        from assistant.machine import hardware
 
         machine = machine or hardware.probe()
         n_ctx_req, why = hardware.pick_context(

@@ -459,7 +459,7 @@ class MLXBackend(Backend):
         choices.update(tok.notes)
 
         # context: from the options, else from the machine (as llama.cpp does)
-        from assistant import hardware
+        from assistant.machine import hardware
 
         machine = hardware.probe()
         cache_bytes = 2 if dtype_name in ("as stored", "float16", "bfloat16") else 4

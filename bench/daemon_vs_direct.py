@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from assistant.client import Client  # noqa: E402
-from assistant.models import resolve_model  # noqa: E402
+from assistant.config.models import resolve_model  # noqa: E402
 
 PROMPT = "Write a long, detailed story about a dragon who learns to bake bread."
 

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from assistant import hardware  # noqa: E402
-from assistant.models import resolve_model  # noqa: E402
+from assistant.machine import hardware  # noqa: E402
+from assistant.config.models import resolve_model  # noqa: E402
 from backends.base import LoadOptions  # noqa: E402
 from backends.llamacpp import LlamaCppBackend  # noqa: E402
 

@@ -58,7 +58,7 @@ async def test_models_load_switches_backend_without_restart(daemon_factory, isol
 
 
 async def test_bad_loads_fail_clearly_and_the_loaded_model_stays(daemon_factory, isolated_home):
-    from assistant.models import resolve_model
+    from assistant.config.models import resolve_model
 
     not_a_model = isolated_home / "holiday-photos"
     not_a_model.mkdir()

@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from assistant.generation import StopMatcher, common_prefix, generate
-from assistant.sampling import SamplingParams
+from assistant.inference.generation import StopMatcher, common_prefix, generate
+from assistant.inference.sampling import SamplingParams
 from backends.base import Backend, ContextOverflowError, ModelInfo
 
 EOS = 0

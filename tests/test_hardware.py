@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from assistant import hardware
-from assistant.hardware import (
+from assistant.machine import hardware
+from assistant.machine.hardware import (
     Machine,
     backend_availability,
     choose_backend,

@@ -20,7 +20,7 @@ from backends.base import (
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from assistant.models import resolve_model  # noqa: E402
+from assistant.config.models import resolve_model  # noqa: E402
 from backends.llamacpp import LlamaCppBackend  # noqa: E402
 
 pytestmark = pytest.mark.slow

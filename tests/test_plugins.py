@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from assistant.plugins import PluginHost
+from assistant.plugin_host import PluginHost
 from assistant.protocol import ErrorCode, RPCError
 from assistant.testing import run_cli
 

@@ -7,11 +7,11 @@ import textwrap
 
 import pytest
 
-from assistant import hardware
+from assistant.machine import hardware
 from assistant.config import Config, ConfigError, Profile, parse_config
-from assistant.hardware import Machine
-from assistant.models import ModelNotFoundError, resolve_model
-from assistant.profiles import apply_profile, check_profiles, matches, select_profile
+from assistant.machine.hardware import Machine
+from assistant.config.models import ModelNotFoundError, resolve_model
+from assistant.machine.profiles import apply_profile, check_profiles, matches, select_profile
 from backends.base import ModelLoadError
 from conftest import run_cli
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from assistant.sampling import Sampler, SamplingParams
+from assistant.inference.sampling import Sampler, SamplingParams
 
 
 def test_greedy_is_argmax():

@@ -6,7 +6,7 @@ import asyncio
 import threading
 from types import SimpleNamespace
 
-from assistant.server import TextStream
+from assistant.daemon.server import TextStream
 
 
 class _Conn:

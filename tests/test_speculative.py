@@ -46,9 +46,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from assistant import speculative as S
-from assistant.generation import generate
-from assistant.sampling import Sampler, SamplingParams
+from assistant.inference import speculative as S
+from assistant.inference.generation import generate
+from assistant.inference.sampling import Sampler, SamplingParams
 from backends.base import Backend, ModelInfo
 
 GREEDY = SamplingParams(temperature=0)
@@ -573,12 +573,12 @@ def test_realised_slowdown_pauses_the_request():
 
 # -- the real models -------------------------------------------------------------------
 
-from assistant import bench_spec  # noqa: E402  (the fixed prompts)
+from assistant.cli import bench_spec  # noqa: E402  (the fixed prompts)
 
 
 def _real_backend(name, shared_cache_dir, kv_type="q8_0/f16", path=None):
     pytest.importorskip("llama_cpp")
-    from assistant.models import resolve_model
+    from assistant.config.models import resolve_model
     from backends.base import LoadOptions
     from backends.llamacpp import LlamaCppBackend
 

@@ -1,4 +1,4 @@
-"""Tests for assistant.store: the SQLite sessions/messages database."""
+"""Tests for assistant.daemon.store: the SQLite sessions/messages database."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from assistant.store import SCHEMA_VERSION, Store, StoreError
+from assistant.daemon.store import SCHEMA_VERSION, Store, StoreError
 
-# The project root, so a child interpreter can import assistant.store however
+# The project root, so a child interpreter can import assistant.daemon.store however
 # pytest was started.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -315,7 +315,7 @@ def test_message_survives_abrupt_process_death(db_path: Path, death: str) -> Non
         import os, signal, sys
         sys.path.insert(0, {str(PROJECT_ROOT)!r})
         from pathlib import Path
-        from assistant.store import Store
+        from assistant.daemon.store import Store
         s = Store(Path({str(db_path)!r}))
         s.create_session(id="crash", title="before the crash")
         m = s.add_message("crash", "user", "acknowledged", stats={{"n": 1}})

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from assistant import tools
+from assistant.daemon import tools
 from assistant.protocol import ErrorCode, RPCError
 
 PLUGIN = '''

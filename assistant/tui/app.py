@@ -26,16 +26,16 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
-from .. import paths
-from ..protocol import ErrorCode, RPCError
-from . import attachments
-from .connection import ConnectFailure, open_client
-from .format import session_title, title_from_prompt
-from .keys import ACTIONS, BY_ID, display_key, effective_keys
-from .widgets.activity import ActivityPanel
-from .widgets.chat import ChatInput, ChatView, MessageView
-from .widgets.sidebar import SessionSidebar
-from .widgets.status import StatusBar
+from assistant import paths
+from assistant.protocol import ErrorCode, RPCError
+from assistant.tui import attachments
+from assistant.tui.connection import ConnectFailure, open_client
+from assistant.tui.format import session_title, title_from_prompt
+from assistant.tui.keys import ACTIONS, BY_ID, display_key, effective_keys
+from assistant.tui.widgets.activity import ActivityPanel
+from assistant.tui.widgets.chat import ChatInput, ChatView, MessageView
+from assistant.tui.widgets.sidebar import SessionSidebar
+from assistant.tui.widgets.status import StatusBar
 
 log = logging.getLogger("assistant.tui")
 
@@ -566,7 +566,7 @@ class AssistantApp(App[int]):
 
     @work(group="dialog", exit_on_error=False)
     async def attach_flow(self) -> None:
-        from .screens.dialogs import InputDialog
+        from assistant.tui.screens.dialogs import InputDialog
 
         try:
             self.skills = (await self.client.call("skills.list")).get("skills") or []
@@ -634,7 +634,7 @@ class AssistantApp(App[int]):
 
     @work(group="dialog", exit_on_error=False)
     async def rename_flow(self) -> None:
-        from .screens.dialogs import InputDialog
+        from assistant.tui.screens.dialogs import InputDialog
 
         sid = self.session["id"]
         value = await self.push_screen_wait(InputDialog(
@@ -661,7 +661,7 @@ class AssistantApp(App[int]):
 
     @work(group="dialog", exit_on_error=False)
     async def delete_flow(self) -> None:
-        from .screens.dialogs import ConfirmDialog
+        from assistant.tui.screens.dialogs import ConfirmDialog
 
         sid = self.session["id"]
         ok = await self.push_screen_wait(ConfirmDialog(
@@ -688,7 +688,7 @@ class AssistantApp(App[int]):
 
     @work(group="dialog", exit_on_error=False)
     async def export_flow(self) -> None:
-        from .screens.dialogs import InputDialog
+        from assistant.tui.screens.dialogs import InputDialog
 
         sid = self.session["id"]
         slug = re.sub(r"[^A-Za-z0-9]+", "-", session_title(self.session)).strip("-").lower() or sid
@@ -734,7 +734,7 @@ class AssistantApp(App[int]):
             self.status_bar.set(unseen_events=0)
 
     def action_help(self) -> None:
-        from .screens.help import HelpScreen
+        from assistant.tui.screens.help import HelpScreen
 
         hint = f"Config file: {paths.config_path(self.config_path)}" if self.client_factory is None else ""
         self.push_screen(HelpScreen(self.keys, hint))
@@ -747,7 +747,7 @@ class AssistantApp(App[int]):
 
     @work(group="dialog", exit_on_error=False)
     async def plugins_flow(self) -> None:
-        from .screens.plugins import PluginsScreen
+        from assistant.tui.screens.plugins import PluginsScreen
 
         try:
             plugins = (await self.client.call("plugins.list")).get("plugins") or []
@@ -764,7 +764,7 @@ class AssistantApp(App[int]):
 
     @work(group="dialog", exit_on_error=False)
     async def settings_flow(self) -> None:
-        from .screens.settings import SettingsScreen
+        from assistant.tui.screens.settings import SettingsScreen
 
         client = self.client
         await self._refresh_models(client)
@@ -880,7 +880,7 @@ class AssistantApp(App[int]):
         for backend in BACKENDS:
             yield SystemCommand(f"Backend: {backend}", "Reload the current model with this backend",
                                 partial(self.switch_backend, backend), discover=False)
-        from .screens.settings import DRAFTERS
+        from assistant.tui.screens.settings import DRAFTERS
 
         yield SystemCommand("Drafter: daemon default", "Speculative decoding as the daemon's config says",
                             partial(self.switch_drafter, None), discover=False)
@@ -928,7 +928,7 @@ def run(args: Any) -> int:
     theme, bindings = None, None
     explicit = bool(args.config or os.environ.get("ASSISTANT_CONFIG"))
     if explicit or paths.config_path().exists():  # no file: the defaults, without loading YAML
-        from ..config import ConfigError, load_config
+        from assistant.config import ConfigError, load_config
 
         try:
             config = load_config(paths.config_path(args.config) if args.config else None)
@@ -955,7 +955,7 @@ def run(args: Any) -> int:
 async def prefetch(socket: str | None, timeout: float = 1.0) -> tuple[Any, dict[str, Any] | None]:
     """A connected client and the sessions (plus the most recent one) when a daemon answers at once;
     (None, None) otherwise."""
-    from ..client import Client, DaemonNotRunning
+    from assistant.client import Client, DaemonNotRunning
 
     try:
         sock = paths.socket_path(socket)

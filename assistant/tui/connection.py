@@ -15,9 +15,9 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-from .. import paths
-from ..client import Client, DaemonNotRunning, DaemonStartError
-from ..protocol import PROTOCOL_VERSION, ErrorCode, RPCError
+from assistant import paths
+from assistant.client import Client, DaemonNotRunning, DaemonStartError
+from assistant.protocol import PROTOCOL_VERSION, ErrorCode, RPCError
 
 HANDSHAKE_TIMEOUT = 5.0
 START_TIMEOUT = 120.0

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from ..protocol import ErrorCode, RPCError
+from assistant.protocol import ErrorCode, RPCError
 
 T0 = 1_700_000_000.0  # fixed timestamps: snapshots must not depend on the clock
 

@@ -1,7 +1,7 @@
 """filewatch: background automations that let the model react to files changing.
 
 A built-in plugin, loaded through the plugin system like any third-party one
-(entry point ``filewatch`` in the ``assistant.plugins`` group). Rules live in
+(entry point ``filewatch`` in the ``assistant.plugin_host`` group). Rules live in
 the plugin's settings (``plugins: {filewatch: {rules: [...]}}``) or in a
 rules file; see docs/automations.md.
 

@@ -8,7 +8,7 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label, Static
 
-from ..keys import ACTIONS, display_key
+from assistant.tui.keys import ACTIONS, display_key
 
 EXTRA = (
     ("Ctrl+P", "Command palette", "Every action, plus switching model, backend, drafter and theme."),

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Static
 
-from ..format import event_summary, event_time
+from assistant.tui.format import event_summary, event_time
 
 SOURCE_STYLE = {"daemon": "cyan", "filewatch": "magenta"}
 MAX_EVENTS = 500

@@ -38,7 +38,7 @@ class MessageView(Vertical, can_focus=True):
     def compose(self) -> ComposeResult:
         yield Static(self._header_text(), classes="message-header", markup=False)
         if self.role == "assistant":
-            from .markdown import ChatMarkdown
+            from assistant.tui.widgets.markdown import ChatMarkdown
 
             yield ChatMarkdown(self.text, classes="message-body")
         else:
@@ -137,7 +137,7 @@ class ChatInput(TextArea):
 
     def __init__(self, *, keys: dict[str, str], history: list[str] | None = None, **kwargs: Any):
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", compact=True, **kwargs)
-        from ..keys import key_list
+        from assistant.tui.keys import key_list
 
         self.send_keys = set(key_list(keys["send"]))
         self.newline_keys = set(key_list(keys["newline"]))

@@ -11,8 +11,8 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Label, ListItem, ListView
 
-from ..format import session_title
-from ..keys import BY_ID
+from assistant.tui.format import session_title
+from assistant.tui.keys import BY_ID
 
 # Shown in the footer while the sidebar has focus (they work everywhere: the app binds them too).
 _SESSION_ACTIONS = ("new_session", "rename_session", "delete_session", "export_session")

@@ -7,7 +7,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
-from ..format import stats_parts
+from assistant.tui.format import stats_parts
 
 STATE_STYLE = {
     "connected": ("●", "green"),

@@ -43,8 +43,8 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .config import BACKENDS, Config, ConfigError, Profile
-from .hardware import Machine
+from assistant.config import BACKENDS, Config, ConfigError, Profile
+from assistant.machine.hardware import Machine
 
 APPLIED_KEYS = ("backend", "model", "threads", "context")
 

@@ -131,7 +131,7 @@ class _CPU:
 def requantized(source: Path, kind: str = "Q8_0") -> Path:
     """``source`` converted to ``kind`` (Q8_0 or F16) with llama.cpp's quantize
     (made once, in the cache dir)."""
-    from . import paths
+    from assistant import paths
 
     out = paths.cache_dir() / "models" / f"{source.stem}.{kind}-requantized.gguf"
     if out.exists():
@@ -167,8 +167,8 @@ def _load(path: Path, args: argparse.Namespace, *, kv_type: str | None = "q8_0/f
 
 
 def _ours(backend, prompt: list[int], engine, max_tokens: int) -> dict[str, Any]:
-    from .generation import generate
-    from .sampling import SamplingParams
+    from assistant.inference.generation import generate
+    from assistant.inference.sampling import SamplingParams
 
     backend.truncate(0)
     r = generate(backend, prompt, SamplingParams(temperature=0), max_tokens=max_tokens, speculative=engine)
@@ -209,7 +209,7 @@ class _Lookup:
 
 def _engine(name: str, backend, args: argparse.Namespace, draft_backend=None):
     """The engine the daemon would build for drafter ``name`` (None: plain)."""
-    from . import speculative as S
+    from assistant.inference import speculative as S
 
     if name == "plain":
         return None
@@ -221,7 +221,7 @@ def _engine(name: str, backend, args: argparse.Namespace, draft_backend=None):
 
 def _section(title: str, backend, methods: list[str], prompts: list[str], args: argparse.Namespace,
              *, draft_backend=None, lookup: "_Lookup | None" = None, default_kv=None, log=print) -> dict[str, Any]:
-    from . import speculative as S
+    from assistant.inference import speculative as S
 
     # Calibrate the exact verify batch and the costs before timing anything.
     probe = backend.tokenize(ARTICLE, add_bos=False)
@@ -299,8 +299,8 @@ def _yes(value: bool | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .models import resolve_model
+    from assistant.config import load_config
+    from assistant.config.models import resolve_model
 
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     try:
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         f16 = requantized(Path(spec.path), "Q8_0")
         big = _load(f16, args)
         small = _load(Path(spec.path), args, kv_type=None)
-        from .speculative import check_draft_pair
+        from assistant.inference.speculative import check_draft_pair
 
         check_draft_pair(big, small)
         sec = _section("draft-pair", big, ["plain", "draft", "auto"], prompts, args, draft_backend=small, log=log)

@@ -8,7 +8,8 @@ import argparse
 import asyncio
 from typing import Any
 
-from . import __version__, hardware, paths
+from assistant import __version__, paths
+from assistant.machine import hardware
 
 
 def _size(n: int | None) -> str:
@@ -21,8 +22,8 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     from backends.base import ModelLoadError
     from backends.gguf import read_metadata, summary
 
-    from .config import ConfigError, load_config
-    from .models import resolve_model
+    from assistant.config import ConfigError, load_config
+    from assistant.config.models import resolve_model
 
     report: dict[str, Any] = {"version": __version__, "ok": True, "problems": []}
     machine = hardware.probe()
@@ -35,7 +36,7 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         report["ok"] = False
         report["problems"].append(str(exc))
         return report
-    from .profiles import apply_profile
+    from assistant.machine.profiles import apply_profile
 
     try:  # the first profile matching this machine sets backend, model, threads, context
         config, profile = apply_profile(config, machine)
@@ -96,7 +97,7 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _daemon_view(args: argparse.Namespace) -> dict[str, Any]:
-    from .client import Client, DaemonNotRunning
+    from assistant.client import Client, DaemonNotRunning
 
     async def ask() -> dict[str, Any]:
         client = await Client.connect(args.socket, client_name="assistant-doctor")

@@ -4,7 +4,7 @@ Discovery, in this order:
 
 1. the core plugin (``assistant.core_plugin``: the built-in backends and
    drafters), always loaded;
-2. entry points in the group ``assistant.plugins`` (the built-in plugins in
+2. entry points in the group ``assistant.plugin_host`` (the built-in plugins in
    ``plugins/`` register this way, exactly like third-party ones);
 3. single ``*.py`` files in the plugin dirs (config ``plugin_dirs``, env
    ``ASSISTANT_PLUGIN_DIR`` (``os.pathsep``-separated), default ``plugins/``
@@ -38,11 +38,11 @@ from typing import Any, Callable
 
 import pluggy
 
-from . import hookspecs, paths
+from assistant import hookspecs, paths
 
-log = logging.getLogger("assistant.plugins")
+log = logging.getLogger("assistant.plugin_host")
 
-ENTRY_POINT_GROUP = "assistant.plugins"
+ENTRY_POINT_GROUP = "assistant.plugin_host"
 CORE = "core"
 
 
@@ -183,7 +183,7 @@ class PluginHost:
     # -- discovery ---------------------------------------------------------------
 
     def load(self) -> "PluginHost":
-        from . import core_plugin
+        from assistant import core_plugin
 
         self._register(CORE, core_plugin, PluginRecord(CORE, "core", version=_own_version()))
         for ep in _entry_points():
@@ -423,6 +423,6 @@ def _import_file(file: Path) -> Any:
 
 
 def _own_version() -> str:
-    from . import __version__
+    from assistant import __version__
 
     return __version__

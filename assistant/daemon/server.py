@@ -25,9 +25,9 @@ import sys
 import threading
 from typing import Any, Awaitable, Callable
 
-from .protocol import DEFAULT_MAX_LINE_BYTES, ErrorCode, RPCError, encode, error, notification, result
+from assistant.protocol import DEFAULT_MAX_LINE_BYTES, ErrorCode, RPCError, encode, error, notification, result
 
-log = logging.getLogger("assistant.server")
+log = logging.getLogger("assistant.daemon.server")
 
 
 class Request:

@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 
 from backends.base import Backend, LoadOptions, ModelInfo
 
-from .models import ModelSpec
+from assistant.config.models import ModelSpec
 
 T = TypeVar("T")
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from backends.base import Backend, ContextOverflowError, IncrementalDecoder
 
-from .sampling import Sampler, SamplingParams
+from assistant.inference.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
-    from .speculative import SpeculativeEngine
+    from assistant.inference.speculative import SpeculativeEngine
 
 # Prompt tokens are fed in chunks of this size so a cancel during a long
 # prefill is seen within one chunk.
@@ -121,7 +121,7 @@ def generate(
     ``started`` is the ``time.perf_counter()`` at which the request arrived,
     so ``ttft_ms`` includes any time spent waiting in the model's queue.
     ``ignore_eos`` masks end-of-generation tokens (benchmarks, tests).
-    ``speculative`` (an ``assistant.speculative.SpeculativeEngine``) runs the
+    ``speculative`` (an ``assistant.inference.speculative.SpeculativeEngine``) runs the
     decode loop with a drafter; without one the plain loop below runs.
     """
     t0 = time.perf_counter()

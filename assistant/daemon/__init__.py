@@ -32,19 +32,20 @@ from typing import Any, Callable
 from backends import backend_names, get_backend_class, register_backend
 from backends.base import BackendError, BackendUnavailable, ContextOverflowError, LoadOptions, ModelLoadError
 
-from . import __version__, hardware, paths
-from .config import Config
-from .generation import generate
-from .models import ModelNotFoundError, ModelSpec, list_models, resolve_model
-from .profiles import apply_profile
-from .plugins import PluginHost, allow_list_from_env, plugin_dirs, run_in_thread
-from .protocol import PROTOCOL_VERSION, ErrorCode, RPCError
-from . import tools
-from .sampling import SamplingParams
-from .server import Request, RPCServer, TextStream
-from . import speculative
-from .store import Store, StoreError
-from .worker import ModelWorker
+from assistant import __version__, paths
+from assistant.machine import hardware
+from assistant.config import Config
+from assistant.inference.generation import generate
+from assistant.config.models import ModelNotFoundError, ModelSpec, list_models, resolve_model
+from assistant.machine.profiles import apply_profile
+from assistant.plugin_host import PluginHost, allow_list_from_env, plugin_dirs, run_in_thread
+from assistant.protocol import PROTOCOL_VERSION, ErrorCode, RPCError
+from assistant.daemon import tools
+from assistant.inference.sampling import SamplingParams
+from assistant.daemon.server import Request, RPCServer, TextStream
+from assistant.inference import speculative
+from assistant.daemon.store import Store, StoreError
+from assistant.daemon.worker import ModelWorker
 
 log = logging.getLogger("assistant.daemon")
 

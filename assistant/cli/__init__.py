@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import paths
-from .protocol import RPCError
+from assistant import paths
+from assistant.protocol import RPCError
 
 
 class CLIError(Exception):
@@ -40,7 +40,7 @@ def _human_bytes(n: int | None) -> str:
 
 
 def _load_config(args: argparse.Namespace):
-    from .config import ConfigError, load_config
+    from assistant.config import ConfigError, load_config
 
     try:
         return load_config(paths.config_path(args.config) if args.config else None)
@@ -49,7 +49,7 @@ def _load_config(args: argparse.Namespace):
 
 
 async def _connect(args: argparse.Namespace, *, start: bool = False):
-    from .client import Client, DaemonNotRunning, DaemonStartError
+    from assistant.client import Client, DaemonNotRunning, DaemonStartError
 
     def starting() -> None:
         print("starting the assistant daemon (first start loads the model)...", file=sys.stderr, flush=True)
@@ -71,9 +71,9 @@ def _run(coro) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-    from .daemon import Daemon, DaemonError
-    from .logs import setup_logging
+    from assistant.config import ConfigError, load_config
+    from assistant.daemon import Daemon, DaemonError
+    from assistant.logs import setup_logging
 
     try:
         config = load_config(paths.config_path(args.config) if args.config else None)
@@ -91,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _plugin_host(args: argparse.Namespace, config):
-    from .plugins import PluginHost, allow_list_from_env, plugin_dirs
+    from assistant.plugin_host import PluginHost, allow_list_from_env, plugin_dirs
 
     return PluginHost(settings=config.plugins, dirs=plugin_dirs(config.plugin_dirs), allow=allow_list_from_env(),
                       enabled=not args.no_plugins, trace=True if args.trace_plugins else None).load()
@@ -103,7 +103,7 @@ def _serve_flags(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from .client import DaemonStartError, start_daemon
+    from assistant.client import DaemonStartError, start_daemon
 
     sock = paths.socket_path(args.socket)
     if args.action == "start":
@@ -225,7 +225,7 @@ async def _ask(args: argparse.Namespace, params: dict[str, Any]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench_spec
+    from assistant.cli import bench_spec
 
     return bench_spec.run(args)
 
@@ -281,7 +281,7 @@ def _daemon_up(args: argparse.Namespace) -> bool:
 
 
 def _local_models(args: argparse.Namespace) -> dict[str, Any]:
-    from .models import list_models
+    from assistant.config.models import list_models
 
     config = _load_config(args)
     return {"loaded": [], "available": list_models(config), "default": config.model}
@@ -337,7 +337,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     if args.action == "new":
-        from .scaffold import ScaffoldError, new_plugin
+        from assistant.cli.scaffold import ScaffoldError, new_plugin
 
         try:
             path = new_plugin(args.name, Path(args.dir))
@@ -391,7 +391,7 @@ def cmd_skills(args: argparse.Namespace) -> int:
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
-    from .tui.app import run
+    from assistant.tui.app import run
 
     return run(args)
 
@@ -400,7 +400,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import ConfigError, dump_effective, load_config
+    from assistant.config import ConfigError, dump_effective, load_config
 
     path = paths.config_path(args.config)
     if args.action == "path":
@@ -419,7 +419,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import diagnose, render
+    from assistant.cli.doctor import diagnose, render
 
     report = diagnose(args)
     if args.json:
@@ -433,7 +433,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__ as VERSION
+    from assistant import __version__ as VERSION
 
     p = argparse.ArgumentParser(prog="assistant", description="A local AI assistant: daemon, CLI and terminal UI.")
     p.add_argument("--version", action="version", version=f"assistant {VERSION}")
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmarks on the real models (speculative decoding: bench spec)")
     bs = s.add_subparsers(dest="bench", required=True)
-    from . import bench_spec
+    from assistant.cli import bench_spec
 
     bench_spec.add_arguments(bs.add_parser("spec", help="plain vs each drafter vs auto vs llama-cpp-python's "
                                            "prompt lookup: tokens/s, ratio, acceptance, identical text"))
@@ -551,7 +551,7 @@ def _add_plugin_commands(parser: argparse.ArgumentParser, argv: list[str]) -> No
         return
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     try:
-        from .config import ConfigError, load_config
+        from assistant.config import ConfigError, load_config
 
         explicit = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
         config = load_config(paths.config_path(explicit) if explicit else None)
@@ -559,7 +559,7 @@ def _add_plugin_commands(parser: argparse.ArgumentParser, argv: list[str]) -> No
         return  # the command itself will report the config error
     except Exception:  # noqa: BLE001 - a broken config must not break --help
         return
-    from .plugins import PluginHost, allow_list_from_env, plugin_dirs
+    from assistant.plugin_host import PluginHost, allow_list_from_env, plugin_dirs
 
     host = PluginHost(settings=config.plugins, dirs=plugin_dirs(config.plugin_dirs), allow=allow_list_from_env(),
                       trace="--trace-plugins" in argv).load()

