@@ -16,6 +16,7 @@ def register_backends(register):
 
 @hookimpl
 def register_drafters(register):
+    """The built-in drafters (ngram, draft, mtp); ``auto`` and ``off`` are modes, never registered."""
     from assistant.inference.speculative import BUILTIN_DRAFTERS
 
     for name, factory in BUILTIN_DRAFTERS.items():

@@ -41,6 +41,23 @@ class ContextOverflowError(BackendError):
         self.available = available
 
 
+@dataclass(frozen=True)
+class MachineFigures:
+    """What a backend needs to know about the machine to size threads and context.
+
+    Plain numbers, so a backend needs no probe of its own: the daemon passes
+    the figures it measured (``assistant.machine.hardware.figures``), and a
+    backend used alone measures them with ``backends.sizing.measure``. None
+    where a figure is unknown."""
+
+    physical_cores: int | None  # usable by this process (affinity, cgroup quota)
+    logical_cores: int
+    ram_total_bytes: int | None
+    ram_available_bytes: int | None
+    # Apple Silicon's performance cores; decoding on efficiency cores too is slower.
+    performance_cores: int | None = None
+
+
 @dataclass
 class LoadOptions:
     """How to load a model. ``None`` means: let the backend pick from the machine."""
@@ -50,6 +67,8 @@ class LoadOptions:
     n_batch: int | None = None
     chat_template: str | None = None  # overrides the template in the model file
     extra: dict[str, Any] = field(default_factory=dict)
+    # The machine threads and context are sized for; None: the backend measures it (``backends.sizing``).
+    machine: MachineFigures | None = None
 
 
 @dataclass

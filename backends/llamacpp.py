@@ -49,6 +49,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import sizing
 from .base import (
     Backend,
     BackendError,
@@ -490,16 +491,13 @@ class LlamaCppBackend(Backend):
         size_bytes = p.stat().st_size
         choices: dict[str, str] = {}
 
-        # 2. threads and context: from the options, else from the machine
-        machine = None
+        # 2. threads and context: from the options, else from the machine's figures
+        machine = options.machine or sizing.measure()
         if options.n_threads:
             n_threads = int(options.n_threads)
             choices["threads"] = f"{n_threads}: set in config"
         else:
-            from assistant.machine import hardware
-
-            machine = hardware.probe()
-            n_threads, why = hardware.pick_threads(machine)
+            n_threads, why = sizing.pick_threads(machine)
             choices["threads"] = why
         n_layer = int(C.llama_model_n_layer(model))
         n_head = max(1, int(C.llama_model_n_head(model)))
@@ -511,10 +509,7 @@ class LlamaCppBackend(Backend):
         requested = int(options.n_ctx) if options.n_ctx else None
         if requested is not None and requested < 16:
             raise ModelLoadError(f"context size {requested} is too small (at least 16 tokens)")
-        from assistant.machine import hardware
-
-        machine = machine or hardware.probe()
-        n_ctx_req, why = hardware.pick_context(
+        n_ctx_req, why = sizing.pick_context(
             machine,
             train_ctx=train_ctx,
             model_bytes=size_bytes,

@@ -55,7 +55,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import chat_template
+from . import chat_template, sizing
 from .base import (
     Backend,
     BackendError,
@@ -458,16 +458,14 @@ class MLXBackend(Backend):
                             "float32 (MLX computes float16 about 25x slower on a CPU)")
         choices.update(tok.notes)
 
-        # context: from the options, else from the machine (as llama.cpp does)
-        from assistant.machine import hardware
-
-        machine = hardware.probe()
+        # context: from the options, else from the machine's figures (as llama.cpp does)
+        machine = options.machine or sizing.measure()
         cache_bytes = 2 if dtype_name in ("as stored", "float16", "bfloat16") else 4
         kv_per_token = _kv_bytes_per_token(model, cache_bytes)
         requested = int(options.n_ctx) if options.n_ctx else None
         if requested is not None and requested < 16:
             raise ModelLoadError(f"context size {requested} is too small (at least 16 tokens)")
-        n_ctx, why = hardware.pick_context(machine, train_ctx=train_ctx, model_bytes=size,
+        n_ctx, why = sizing.pick_context(machine, train_ctx=train_ctx, model_bytes=size,
                                            kv_bytes_per_token=kv_per_token, requested=requested)
         choices["context"] = why
         choices["threads"] = "MLX schedules its own threads (the threads setting applies to llama.cpp)"

@@ -11,7 +11,17 @@ import yaml
 
 from assistant import config as cfg
 from assistant import paths
-from assistant.config import Config, ConfigError, GenerationDefaults, ModelEntry, dump_effective, load_config
+from assistant.config import (
+    Config,
+    ConfigError,
+    GenerationDefaults,
+    ModelEntry,
+    check_backends,
+    dump_effective,
+    load_config,
+    parse_config,
+)
+from backends import BUILTIN_BACKENDS
 
 EXAMPLE = Path(__file__).parents[1] / "config.example.yaml"
 
@@ -112,7 +122,7 @@ def test_example_models_block_is_valid_when_uncommented(tmp_path):
 
 def test_dataclasses_match_schema():
     def names(cls):
-        return [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "given")]  # not keys
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "given", "lines")]  # not keys
 
     assert names(Config) == list(cfg.SCHEMA)
     assert names(GenerationDefaults) == list(cfg.GENERATION_FIELDS)
@@ -324,12 +334,16 @@ def test_model_entry_without_path(tmp_path):
 
 
 def test_model_entry_bad_field(tmp_path):
-    err = error_for(tmp_path, """
+    # Backend names are checked once plugins have registered theirs (check_backends), with the file's line.
+    config = load_config(write(tmp_path, """
         models:
           gemma:
             path: /m/g.gguf
             backend: cuda
-    """)
+    """))
+    with pytest.raises(ConfigError) as info:
+        check_backends(config, BUILTIN_BACKENDS)
+    err = info.value
     assert err.key == "models.gemma.backend" and err.line == 4
     assert "expected one of auto, llama.cpp, mlx or null, got 'cuda'" in err.detail
 
@@ -416,3 +430,82 @@ def test_the_keys_a_file_sets_are_known(tmp_path):
     assert {"generation.top_k", "speculative.drafter"} <= config.given
     assert "generation.temperature" not in config.given and "generation.seed" not in config.given
     assert Config().given == frozenset()
+
+
+# --- backend names: read as any name, checked against the registry's ---------------------
+
+PLUGIN_BACKENDS = """
+    backend: scripted
+    models:
+      s:
+        path: /m/s.bin
+        backend: scripted
+        paths:
+          scripted: /m/s-for-scripted.bin
+          mlx: /m/s-mlx
+    profiles:
+      here:
+        platform: "*"
+        backend: scripted
+"""
+
+
+def test_any_backend_name_is_read_and_kept(tmp_path):
+    """A plugin registers its backends after the file is read (the file says where plugins are)."""
+    config = load_config(write(tmp_path, PLUGIN_BACKENDS))
+    assert config.backend == "scripted" and config.profiles["here"].backend == "scripted"
+    assert config.models["s"].backend == "scripted"
+    assert config.models["s"].paths == {"mlx": "/m/s-mlx", "scripted": "/m/s-for-scripted.bin"}
+    # `config show` keeps the plugin's paths entry, and what it prints reads back the same
+    again = parse_config(dump_effective(config))
+    assert again.models["s"].paths == config.models["s"].paths and again.backend == "scripted"
+    check_backends(config, [*BUILTIN_BACKENDS, "scripted"])  # registered: fine
+
+
+@pytest.mark.parametrize(("line", "text", "key", "detail"), [
+    (1, "backend: mlxx", "backend", "expected one of auto, llama.cpp, mlx, got 'mlxx'; did you mean 'mlx'?"),
+    (5, "    backend: scripted", "models.s.backend", "expected one of auto, llama.cpp, mlx or null, got 'scripted'"),
+    (7, "      scripted: /m/s.bin", "models.s.paths", "unknown key 'scripted' (known keys: llama.cpp, mlx)"),
+    (12, "    backend: scripted", "profiles.here.backend",
+     "expected one of auto, llama.cpp, mlx or null, got 'scripted'"),
+])
+def test_unregistered_backend_names_file_line_key_and_known_names(tmp_path, line, text, key, detail):
+    # Every key names a built-in but the one under test.
+    lines = textwrap.dedent(PLUGIN_BACKENDS).lstrip("\n").replace("scripted", "llama.cpp").splitlines()
+    assert len(lines[line - 1]) - len(lines[line - 1].lstrip()) == len(text) - len(text.lstrip())  # same place
+    lines[line - 1] = text
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    config = load_config(path)
+    with pytest.raises(ConfigError) as info:
+        check_backends(config, BUILTIN_BACKENDS)
+    err = info.value
+    assert (err.key, err.line, err.detail) == (key, line, detail)
+    assert str(err) == f"{path}:{line}: {key}: {detail}"
+    # the same file is fine once a plugin has registered the backend
+    check_backends(config, [*BUILTIN_BACKENDS, "scripted", "mlxx"])
+
+
+def test_check_backends_lists_plugin_backends_and_keeps_auto_out_of_paths(tmp_path):
+    config = load_config(write(tmp_path, "backend: tensorrt\n"))
+    with pytest.raises(ConfigError, match=r"expected one of auto, llama.cpp, mlx, scripted, got 'tensorrt'"):
+        check_backends(config, ["llama.cpp", "mlx", "scripted"])
+    check_backends(load_config(write(tmp_path, "backend: auto\n")), ["llama.cpp"])  # auto is always known
+    config = load_config(write(tmp_path, "models:\n  m:\n    path: /x\n    paths: {auto: /y}\n"))
+    with pytest.raises(ConfigError, match=r":4: models\.m\.paths: unknown key 'auto'"):
+        check_backends(config, ["auto", "llama.cpp"])  # a file is for one backend, not for "auto"
+    # a config built in code has no file or line to name
+    with pytest.raises(ConfigError) as info:
+        check_backends(Config(backend="cuda"), BUILTIN_BACKENDS)
+    assert str(info.value) == "backend: expected one of auto, llama.cpp, mlx, got 'cuda'"
+
+
+def test_backend_keys_still_check_their_shape_when_read(tmp_path):
+    assert "backend: expected one of auto, llama.cpp, mlx, got 3" in str(error_for(tmp_path, "backend: 3\n"))
+    err = error_for(tmp_path, "models:\n  m:\n    path: /x\n    paths: {llama.cpp: 5}\n")
+    assert (err.key, err.line) == ("models.m.paths.llama.cpp", 4) and "expected a string or null, got 5" in err.detail
+    err = error_for(tmp_path, "models:\n  m:\n    path: /x\n    paths: {scripted: [a]}\n")
+    assert err.key == "models.m.paths.scripted" and "expected a string or null, got a list" in err.detail
+
+
+def test_builtin_backend_names_match_the_backends_package():
+    assert cfg.BACKENDS == ("auto", *BUILTIN_BACKENDS)

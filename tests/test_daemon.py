@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import stat
+import time
 
 import pytest
 
@@ -369,6 +370,46 @@ def test_cli_status_models_doctor_json(daemon):
     assert report["backend"]["chosen"] == "llama.cpp" and report["backend"]["reason"]
     assert report["model"]["threads"] == 2 and report["model"]["fits"] is True
     assert report["daemon"]["running"] is True
+
+
+def test_cli_global_options_after_the_command(daemon, isolated_home):
+    """--socket and --config after the command's name, as before it; given in both places, the later wins."""
+    sock, wrong = str(daemon.socket), str(short_socket_path())
+    st = run_cli("--socket", wrong, "status", "--json", "--socket", sock)
+    assert st.returncode == 0, st.stderr
+    assert json.loads(st.stdout)["pid"] == daemon.proc.pid
+    models = run_cli("models", "list", "--json", "--socket", sock)
+    assert models.returncode == 0, models.stderr
+    assert "smollm2-135m" in {m["name"] for m in json.loads(models.stdout)["loaded"]}  # the daemon's view
+    ask = run_cli("ask", "Tell me the capital of France.", "--socket", sock, "--config", str(daemon.config),
+                  "--json", "--temperature", "0", "--max-tokens", "12", "--no-start")
+    assert ask.returncode == 0, ask.stderr
+    assert "Paris" in json.loads(ask.stdout)["text"]
+
+
+def test_serve_takes_config_and_socket_after_the_command(isolated_home):
+    import subprocess
+    import sys
+
+    bad = isolated_home / "bad.yaml"
+    bad.write_text("generation:\n  temperature: hot\n")
+    sock = short_socket_path()
+    cmd = [sys.executable, "-m", "assistant", "serve", "--socket", str(sock), "--quiet"]
+    out = subprocess.run([*cmd, "--config", str(bad)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and str(bad) in out.stderr and "generation.temperature" in out.stderr
+    good = isolated_home / "good.yaml"
+    good.write_text("preload: false\nthreads: 2\n")
+    proc = subprocess.Popen([*cmd, "--config", str(good)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not socket_answers(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.05)
+        status = json.loads(run_cli("status", "--json", "--socket", str(sock)).stdout)
+        assert status["pid"] == proc.pid and status["config"] == str(good)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 def test_cli_reports_no_daemon_clearly(isolated_home):

@@ -1,4 +1,4 @@
-"""Machine probe and the decisions made from it (pure functions of a Machine)."""
+"""Machine probe and the decisions made from it (pure functions of a Machine or its figures)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import os
 
 import pytest
 
+from backends import sizing
+from backends.base import MachineFigures
+
 from assistant.machine import hardware
+from assistant.machine.choice import BackendChoice, BackendChoiceError, choose_backend
 from assistant.machine.hardware import (
     Machine,
     backend_availability,
-    choose_backend,
+    figures,
     fits_in_memory,
     parse_cpuinfo,
     parse_meminfo,
@@ -23,6 +27,7 @@ from assistant.machine.hardware import (
 )
 
 GiB = 1024**3
+astuple = dataclasses.astuple
 MiB = 1024**2
 BOTH = {"llama.cpp": (True, "found"), "mlx": (True, "found")}
 NO_MLX = {"llama.cpp": (True, "found"), "mlx": (False, "mlx-lm not installed")}
@@ -76,6 +81,23 @@ def test_probe_never_raises_when_everything_fails(monkeypatch):
     assert m.cpu_model is None
 
 
+def test_probe_on_a_mac(monkeypatch):
+    """The macOS branch, fed what sysctl and vm_stat say on an M2 Pro."""
+    answers = {"hw.optional.arm64": "1", "machdep.cpu.brand_string": "Apple M2 Pro", "hw.physicalcpu": "10",
+               "hw.logicalcpu": "10", "hw.perflevel0.physicalcpu": "6", "hw.memsize": str(16 * GiB)}
+    monkeypatch.setattr(hardware.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(hardware, "_sysctl", answers.get)
+    monkeypatch.setattr(hardware, "_darwin_available_bytes", lambda: 9 * GiB)
+    m = probe()
+    assert dataclasses.replace(m, hostname="test") == mac(cpu_model="Apple M2 Pro", ram_available_bytes=9 * GiB,
+                                                          unified_memory=True)
+    # an x86_64 Python under Rosetta on the same Mac
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+    m = probe()
+    assert (m.platform_tag, m.apple_silicon, m.gpu) == ("darwin-x86_64", True, ["metal"])
+
+
 CPUINFO_SMT = "".join(
     f"processor\t: {cpu}\nmodel name\t: Test CPU @ 3GHz\nphysical id\t: 0\ncore id\t\t: {cpu % 4}\n\n"
     for cpu in range(8)
@@ -109,37 +131,60 @@ def test_parse_meminfo():
 
 
 def test_auto_picks_mlx_on_apple_silicon_with_mlx():
-    backend, reason = choose_backend(mac(), "auto", BOTH)
+    backend, reason = astuple(choose_backend("auto", mac(), BOTH))
     assert backend == "mlx"
     assert "Apple Silicon" in reason
 
 
 def test_auto_picks_llama_cpp_on_linux_even_with_mlx():
-    backend, reason = choose_backend(machine(), "auto", BOTH)
+    backend, reason = astuple(choose_backend("auto", machine(), BOTH))
     assert backend == "llama.cpp"
     assert "linux-x86_64" in reason
 
 
 def test_auto_on_apple_silicon_without_mlx():
-    backend, reason = choose_backend(mac(), "auto", NO_MLX)
+    backend, reason = astuple(choose_backend("auto", mac(), NO_MLX))
     assert backend == "llama.cpp"
     assert "mlx-lm not installed" in reason
 
 
 def test_auto_under_rosetta_picks_llama_cpp():
-    backend, reason = choose_backend(mac(arch="x86_64", platform_tag="darwin-x86_64"), "auto", BOTH)
+    backend, reason = astuple(choose_backend("auto", mac(arch="x86_64", platform_tag="darwin-x86_64"), BOTH))
     assert backend == "llama.cpp" and "Rosetta" in reason
 
 
 @pytest.mark.parametrize("pinned", ["llama.cpp", "mlx"])
 def test_pinned_backend_is_returned_even_if_unavailable(pinned):
+    """An unavailable choice is an error that still says what was chosen (doctor shows it)."""
     nothing = {"llama.cpp": (False, "missing"), "mlx": (False, "missing")}
-    assert choose_backend(machine(), pinned, nothing) == (pinned, "pinned in config")
+    with pytest.raises(BackendChoiceError) as err:
+        choose_backend(pinned, machine(), nothing)
+    assert astuple(err.value.choice) == (pinned, "pinned in config")
+    assert str(err.value) == f"backend {pinned!r} is not available: missing"
 
 
 def test_unknown_backend_lists_known_ones():
     with pytest.raises(ValueError, match="auto, llama.cpp, mlx"):
-        choose_backend(machine(), "cuda", BOTH)
+        choose_backend("cuda", machine(), BOTH)
+
+
+def test_none_means_auto_and_a_plugin_backend_can_be_pinned():
+    assert choose_backend(None, machine(), BOTH) == choose_backend("auto", machine(), BOTH)
+    with_plugin = {**BOTH, "scripted": (True, "always")}
+    assert choose_backend("scripted", machine(), with_plugin) == BackendChoice("scripted", "pinned in config")
+    with pytest.raises(BackendChoiceError) as err:
+        choose_backend("scripted", machine(), BOTH)  # not registered: unknown
+    assert str(err.value) == "unknown backend 'scripted'; known backends: auto, llama.cpp, mlx"
+    assert err.value.choice is None
+
+
+def test_auto_whose_pick_is_unavailable_says_why():
+    with pytest.raises(BackendChoiceError, match="backend 'llama.cpp' is not available: no wheel") as err:
+        choose_backend("auto", machine(), {"llama.cpp": (False, "no wheel"), "mlx": (True, "found")})
+    assert err.value.choice.name == "llama.cpp" and "linux-x86_64" in err.value.choice.reason
+    # a registry without llama.cpp at all
+    with pytest.raises(BackendChoiceError, match="'llama.cpp' is not available: not installed"):
+        choose_backend("auto", machine(), {"scripted": (True, "always")})
 
 
 def test_backend_availability_shape():
@@ -192,6 +237,39 @@ def test_threads_apple_silicon_uses_performance_cores():
 
 def test_threads_at_least_one():
     assert pick_threads(machine(physical_cores=0, logical_cores=0))[0] == 1
+
+
+def test_threads_without_a_physical_core_count_use_the_logical_cpus():
+    threads, reason = pick_threads(MachineFigures(physical_cores=None, logical_cores=6, ram_total_bytes=None,
+                                                  ram_available_bytes=None))
+    assert threads == 6 and "logical" in reason and "physical cores unknown" in reason
+
+
+# --- the figures backends are sized by ---------------------------------------------------
+
+
+def test_figures_carry_what_the_sizing_needs_and_size_alike():
+    m = mac(ram_available_bytes=3 * GiB)
+    f = figures(m)
+    assert f == MachineFigures(physical_cores=10, logical_cores=10, ram_total_bytes=16 * GiB,
+                               ram_available_bytes=3 * GiB, performance_cores=6)
+    assert pick_threads(f) == pick_threads(m)
+    for train in (256, 8192, 131072):
+        kw = dict(train_ctx=train, model_bytes=2 * GiB, kv_bytes_per_token=MiB, requested=None)
+        assert pick_context(f, **kw) == pick_context(m, **kw)
+    assert fits_in_memory(f, GiB, GiB) == fits_in_memory(m, GiB, GiB)
+    # hardware hands doctor the same functions the backends use
+    assert (hardware.pick_threads, hardware.pick_context, hardware.fits_in_memory) == \
+        (sizing.pick_threads, sizing.pick_context, sizing.fits_in_memory)
+
+
+def test_measure_without_a_probe():
+    f = sizing.measure()
+    assert f.physical_cores is None and 1 <= f.logical_cores <= (os.cpu_count() or 1)
+    if os.path.exists("/proc/meminfo"):
+        info = parse_meminfo(open("/proc/meminfo").read())
+        assert f.ram_total_bytes == info["MemTotal"]
+        assert 0 < f.ram_available_bytes <= f.ram_total_bytes
 
 
 # --- context ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from backends.base import (
     ContextOverflowError,
     IncrementalDecoder,
     LoadOptions,
+    MachineFigures,
     ModelLoadError,
 )
 
@@ -142,6 +143,23 @@ def test_context_picked_from_machine_when_not_given(smol_path):
     b.unload()  # twice is fine
     with pytest.raises(BackendError):
         b.info
+
+
+def test_threads_and_context_are_sized_from_the_machine_figures_given(smol_path):
+    """The daemon hands the backend its machine as plain figures (LoadOptions.machine):
+    the backend sizes from those, not from a probe of its own."""
+    size = smol_path.stat().st_size
+    kv_per_token = 30 * 3 * (64 + 64) * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64, f16 K and V
+    # Room for a 1024-token KV cache in half of what is left after the model.
+    figures = MachineFigures(physical_cores=1, logical_cores=2, ram_total_bytes=64 << 30,
+                             ram_available_bytes=size + 2 * 1024 * kv_per_token)
+    b = LlamaCppBackend()
+    info = b.load(str(smol_path), LoadOptions(machine=figures))
+    try:
+        assert info.n_threads == 1 and info.choices["threads"].startswith("all 1 physical core")
+        assert info.context_length == 1024 and "reduced from 4096" in info.choices["context"]
+    finally:
+        b.unload()
 
 
 # -- tokenizer ------------------------------------------------------------------

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import textwrap
+from dataclasses import astuple
 
 import pytest
 
+from backends import BUILTIN_BACKENDS
+
 from assistant.machine import hardware
-from assistant.config import Config, ConfigError, Profile, parse_config
+from assistant.config import Config, ConfigError, Profile, check_backends, parse_config
+from assistant.machine.choice import choose_backend
 from assistant.machine.hardware import Machine
 from assistant.config.models import ModelNotFoundError, resolve_model
 from assistant.machine.profiles import apply_profile, check_profiles, matches, select_profile
-from backends.base import ModelLoadError
+from backends.base import BackendUnavailable, ModelLoadError
 from conftest import run_cli
 
 
@@ -63,7 +67,7 @@ profiles:
 def test_auto_picks_llama_cpp_here_even_with_mlx_installed():
     here = hardware.probe()
     available = hardware.backend_availability()
-    name, why = hardware.choose_backend(here, "auto", available)
+    name, why = astuple(choose_backend("auto", here, available))
     if here.os == "darwin" and here.arch == "arm64":
         pytest.skip("this test describes a non-Apple machine")
     assert name == "llama.cpp" and "only picked on Apple Silicon" in why
@@ -72,13 +76,13 @@ def test_auto_picks_llama_cpp_here_even_with_mlx_installed():
 
 def test_auto_picks_mlx_for_a_faked_apple_silicon_machine():
     available = {"llama.cpp": (True, "found"), "mlx": (True, "mlx-lm found")}
-    name, why = hardware.choose_backend(mac(), "auto", available)
+    name, why = astuple(choose_backend("auto", mac(), available))
     assert name == "mlx" and "Apple Silicon" in why
     # the same machine without mlx-lm: llama.cpp, and the reason says why
-    name, why = hardware.choose_backend(mac(), "auto", {**available, "mlx": (False, "mlx-lm not installed")})
+    name, why = astuple(choose_backend("auto", mac(), {**available, "mlx": (False, "mlx-lm not installed")}))
     assert name == "llama.cpp" and "mlx-lm not installed" in why
     # a pinned backend wins over the machine
-    assert hardware.choose_backend(mac(), "llama.cpp", available)[0] == "llama.cpp"
+    assert choose_backend("llama.cpp", mac(), available).name == "llama.cpp"
 
 
 # -- matching ---------------------------------------------------------------------
@@ -145,13 +149,13 @@ def test_no_match_and_no_profiles():
 
 
 def test_profile_naming_an_unknown_backend_is_a_clear_error():
-    with pytest.raises(ConfigError) as err:
-        config("""
+    with pytest.raises(ConfigError) as err:  # reading accepts any name: plugins may register it
+        check_backends(config("""
             profiles:
               mac:
                 platform: darwin-arm64
                 backend: tensorrt
-        """)
+        """), BUILTIN_BACKENDS)
     msg = str(err.value)
     assert "profiles.mac.backend" in msg and "tensorrt" in msg and "llama.cpp" in msg and err.value.line == 5
     # A config built in code, or a backend no longer registered, is caught when the profile is applied.
@@ -160,6 +164,21 @@ def test_profile_naming_an_unknown_backend_is_a_clear_error():
         apply_profile(cfg, mac())
     with pytest.raises(ConfigError, match="unknown backend 'mlx'"):
         check_profiles(Config(profiles={"m": Profile(platform="x", backend="mlx")}), known_backends=["llama.cpp"])
+
+
+def test_profile_backends_are_checked_against_the_registry_names_with_their_line():
+    cfg = config("""
+        profiles:
+          mac:
+            platform: darwin-arm64
+            backend: scripted
+    """)
+    with pytest.raises(ConfigError) as err:
+        apply_profile(cfg, mac())  # the built-ins only
+    assert (err.value.key, err.value.line) == ("profiles.mac.backend", 5)  # the text starts with a newline
+    assert err.value.detail == "unknown backend 'scripted' (known: auto, llama.cpp, mlx)"
+    effective, choice = apply_profile(cfg, mac(), known_backends=["llama.cpp", "mlx", "scripted"])
+    assert effective.backend == "scripted" and choice.name == "mac"
 
 
 def test_profile_without_selector_and_bad_values_are_config_errors():
@@ -222,14 +241,35 @@ def test_alias_whose_default_path_is_missing_still_serves_its_backend_file(two_f
 
 def test_per_backend_path_checks_and_errors(two_files):
     gguf, folder = two_files
-    with pytest.raises(ConfigError, match=r"models\.g\.paths: unknown key 'mxl'.*did you mean 'mlx'"):
-        config(f"models:\n  g:\n    path: {gguf}\n    paths: {{mxl: {folder}}}\n")
+    with pytest.raises(ConfigError, match=r"models\.g\.paths: unknown key 'mxl'.*did you mean 'mlx'") as err:
+        check_backends(config(f"models:\n  g:\n    path: {gguf}\n    paths: {{mxl: {folder}}}\n"), BUILTIN_BACKENDS)
+    assert err.value.line == 4
     cfg = config(f"models:\n  g:\n    path: {gguf}\n    paths: {{mlx: {folder}}}\n")
     # With check, the backend looks at the file first: an empty folder is no MLX model.
     with pytest.raises(ModelLoadError, match="is not a model folder"):
         resolve_model("g", cfg).for_backend("mlx")
     with pytest.raises(ModelLoadError, match="is a directory"):  # llama.cpp given the MLX folder
         resolve_model("g", cfg, backend="mlx").for_backend("llama.cpp")
+
+
+def test_per_backend_path_of_a_plugin_backend_is_checked_by_its_class(two_files, tmp_path):
+    gguf, _folder = two_files
+    mine = tmp_path / "for-tiny.bin"
+    mine.write_bytes(b"tiny")
+
+    class Picky:  # what the registry holds under "tiny": only check_model matters here
+        @classmethod
+        def check_model(cls, path):
+            if not path.endswith(".bin"):
+                raise ModelLoadError(f"tiny wants a .bin file, not {path}")
+
+    cfg = config(f"models:\n  g:\n    path: {gguf}\n    paths: {{tiny: {mine}}}\n")
+    spec = resolve_model("g", cfg)
+    assert spec.for_backend("tiny", backend_class=Picky).path == mine
+    with pytest.raises(ModelLoadError, match="tiny wants a .bin file"):
+        spec.for_backend("llama.cpp", backend_class=Picky)  # the alias's default path
+    with pytest.raises(BackendUnavailable, match="unknown backend 'tiny'"):
+        spec.for_backend("tiny")  # no class given: only the built-ins are known
 
 
 def test_example_config_documents_profiles_and_paths():

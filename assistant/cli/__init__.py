@@ -2,8 +2,11 @@
 
 Every subcommand that talks to the daemon goes through ``assistant.client``;
 ``--socket``/``ASSISTANT_SOCKET`` and ``--config``/``ASSISTANT_CONFIG`` apply
-to all of them. Heavy imports (numpy, llama.cpp) happen only in ``serve``
-and ``doctor``, so client commands start fast.
+to all of them. The global options (``--socket``, ``--config``,
+``--no-plugins``, ...) go before or after the command's name (``assistant ask
+--socket S``); given in both places, the one after wins. Heavy imports
+(numpy, llama.cpp) happen only in ``serve``, ``doctor`` and ``config``, so
+client commands start fast.
 """
 
 from __future__ import annotations
@@ -95,6 +98,16 @@ def _plugin_host(args: argparse.Namespace, config):
 
     return PluginHost(settings=config.plugins, dirs=plugin_dirs(config.plugin_dirs), allow=allow_list_from_env(),
                       enabled=not args.no_plugins, trace=True if args.trace_plugins else None).load()
+
+
+def local_backends(args: argparse.Namespace, config):
+    """The backend registry a daemon started with ``args`` and ``config`` would have:
+    the built-ins and what plugins register, loaded here, without a daemon."""
+    from assistant.machine.choice import backend_registry
+
+    host = _plugin_host(args, config)
+    host.collect()
+    return backend_registry(host)
 
 
 def _serve_flags(args: argparse.Namespace) -> list[str]:
@@ -400,7 +413,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from assistant.config import ConfigError, dump_effective, load_config
+    from assistant.config import ConfigError, check_backends, dump_effective, load_config
 
     path = paths.config_path(args.config)
     if args.action == "path":
@@ -408,6 +421,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     try:
         config = load_config(path if (args.config or os.environ.get("ASSISTANT_CONFIG")) else None)
+        # Backends are checked against what the daemon would have: the built-ins and the plugins'.
+        check_backends(config, local_backends(args, config).names())
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -432,17 +447,67 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # -- the parser -----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_global_options(parser: argparse.ArgumentParser, *, after_command: bool = False,
+                        version: bool = True) -> None:
+    """The options of every command, on the top-level parser and (``after_command``) on each command's.
+
+    After the command they default to SUPPRESS: argparse copies a command's
+    parsed values over the top-level ones, so only an option actually given
+    there replaces the one given before the command."""
     from assistant import __version__ as VERSION
 
-    p = argparse.ArgumentParser(prog="assistant", description="A local AI assistant: daemon, CLI and terminal UI.")
-    p.add_argument("--version", action="version", version=f"assistant {VERSION}")
-    p.add_argument("--socket", help="daemon socket (default: $ASSISTANT_SOCKET or the user runtime dir)")
-    p.add_argument("--config", help="config file (default: $ASSISTANT_CONFIG or config.yaml in the user config dir)")
-    p.add_argument("--no-plugins", action="store_true", help="load no plugins (the core backends stay)")
-    p.add_argument("--trace-plugins", action="store_true", help="log every plugin hook call with its duration")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if after_command else {}
+    g = parser.add_argument_group("global options") if after_command else parser
+    if version:
+        g.add_argument("--version", action="version", version=f"assistant {VERSION}")
+    g.add_argument("--socket", help="daemon socket (default: $ASSISTANT_SOCKET or the user runtime dir)", **unset)
+    g.add_argument("--config", help="config file (default: $ASSISTANT_CONFIG or config.yaml in the user config dir)",
+                   **unset)
+    g.add_argument("--no-plugins", action="store_true", help="load no plugins (the core backends stay)", **unset)
+    g.add_argument("--trace-plugins", action="store_true", help="log every plugin hook call with its duration",
+                   **unset)
 
+
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of a command (and of its own subcommands, plugins' included): it
+    takes the global options too. A command's own option of the same name wins."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("conflict_handler", "resolve")
+        super().__init__(*args, **kwargs)
+        _add_global_options(self, after_command=True)
+
+
+class _PreParser(argparse.ArgumentParser):
+    """Reads the global options only; what it cannot read, the full parser reports."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ValueError(message)
+
+
+def _global_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The global options wherever they are in ``argv``, and the rest, parsed before the
+    plugins' commands are known (they depend on --config and --no-plugins)."""
+    pre = _PreParser(add_help=False, allow_abbrev=False)
+    _add_global_options(pre, version=False)
+    pre.add_argument("-h", "--help", action="store_true")
+    try:
+        return pre.parse_known_args(argv)
+    except ValueError:  # e.g. --config without a value: the full parser says so
+        return pre.parse_known_args([])[0], argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The core commands (plugins add theirs in main), in the order ``--help`` lists them."""
+    p = argparse.ArgumentParser(prog="assistant", description="A local AI assistant: daemon, CLI and terminal UI.")
+    _add_global_options(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
+    for add in (_add_daemon_commands, _add_ask_commands, _add_model_commands, _add_other_commands):
+        add(sub)
+    return p
+
+
+def _add_daemon_commands(sub) -> None:
     s = sub.add_parser("serve", help="run the daemon in the foreground")
     s.add_argument("--quiet", action="store_true", help="log only to the log file, not stderr")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -453,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_daemon)
 
+
+def _add_ask_commands(sub) -> None:
     s = sub.add_parser("ask", help="ask a question; the answer streams to stdout")
     s.add_argument("prompt", nargs="*", help="the prompt ('-' or nothing: read stdin)")
     s.add_argument("--model", "-m", help="model alias or GGUF path (default: the config's model)")
@@ -483,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "prompt lookup: tokens/s, ratio, acceptance, identical text"))
     s.set_defaults(func=cmd_bench)
 
+
+def _add_model_commands(sub) -> None:
     s = sub.add_parser("models", help="list, load or unload models")
     ms = s.add_subparsers(dest="action", required=True)
     m = ms.add_parser("list", help="aliases, paths and what is loaded")
@@ -510,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["path", "show", "check"])
     s.set_defaults(func=cmd_config)
 
+
+def _add_other_commands(sub) -> None:
     s = sub.add_parser("sessions", help="list, show, export or delete chat sessions")
     ss = s.add_subparsers(dest="action", required=True)
     m = ss.add_parser("list")
@@ -542,35 +613,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("arguments", nargs="?", help="a JSON object")
     m.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_skills)
-    return p
 
 
-def _add_plugin_commands(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+def _add_plugin_commands(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
     """Let plugins add subcommands (register_commands). Skipped with --no-plugins."""
-    if "--no-plugins" in argv:
+    if options.no_plugins:
         return
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     try:
         from assistant.config import ConfigError, load_config
 
-        explicit = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-        config = load_config(paths.config_path(explicit) if explicit else None)
+        config = load_config(paths.config_path(options.config) if options.config else None)
     except ConfigError:
         return  # the command itself will report the config error
     except Exception:  # noqa: BLE001 - a broken config must not break --help
         return
-    from assistant.plugin_host import PluginHost, allow_list_from_env, plugin_dirs
-
-    host = PluginHost(settings=config.plugins, dirs=plugin_dirs(config.plugin_dirs), allow=allow_list_from_env(),
-                      trace="--trace-plugins" in argv).load()
-    host.call("register_commands", cli=sub)
+    _plugin_host(options, config).call("register_commands", cli=sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    if _wants_plugin_command(argv):
-        _add_plugin_commands(parser, argv)
+    options, rest = _global_options(argv)
+    if _wants_plugin_command(options, rest):
+        _add_plugin_commands(parser, options)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
@@ -591,21 +657,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-_CORE_COMMANDS = {"serve", "daemon", "ask", "models", "status", "doctor", "config", "sessions", "plugins", "skills",
-                  "tui"}
+_CORE_COMMANDS = {"serve", "daemon", "ask", "bench", "models", "status", "doctor", "config", "sessions", "plugins",
+                  "skills", "tui"}
 
 
-def _wants_plugin_command(argv: list[str]) -> bool:
+def _wants_plugin_command(options: argparse.Namespace, rest: list[str]) -> bool:
     """Load plugins for the parser only when the command is not a core one (or for
-    help), so core commands start fast."""
-    words = [a for a in argv if not a.startswith("-")]
-    # values of --socket/--config are not commands
-    for flag in ("--socket", "--config"):
-        if flag in argv:
-            i = argv.index(flag)
-            if i + 1 < len(argv) and argv[i + 1] in words:
-                words.remove(argv[i + 1])
-    return (not words and ("-h" in argv or "--help" in argv)) or (bool(words) and words[0] not in _CORE_COMMANDS)
+    help), so core commands start fast. ``rest``: argv without the global options."""
+    words = [a for a in rest if not a.startswith("-")]
+    return (not words and options.help) or (bool(words) and words[0] not in _CORE_COMMANDS)
 
 
 if __name__ == "__main__":

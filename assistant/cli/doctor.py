@@ -10,6 +10,7 @@ from typing import Any
 
 from assistant import __version__, paths
 from assistant.machine import hardware
+from assistant.machine.choice import BackendChoice, BackendChoiceError, choose_backend
 
 
 def _size(n: int | None) -> str:
@@ -19,60 +20,91 @@ def _size(n: int | None) -> str:
 
 
 def diagnose(args: argparse.Namespace) -> dict[str, Any]:
-    from backends.base import ModelLoadError
-    from backends.gguf import read_metadata, summary
-
-    from assistant.config import ConfigError, load_config
-    from assistant.config.models import resolve_model
+    """The whole report as plain data (``doctor --json`` prints it as is)."""
+    from assistant.config import ConfigError
+    from assistant.machine.profiles import apply_profile
 
     report: dict[str, Any] = {"version": __version__, "ok": True, "problems": []}
     machine = hardware.probe()
     report["machine"] = machine.to_dict()
-    try:
-        config = load_config(paths.config_path(args.config) if args.config else None)
-        report["config"] = {"path": str(paths.config_path(args.config)), "loaded_from": str(config.source) if config.source else None, "valid": True}
-    except ConfigError as exc:
-        report["config"] = {"path": str(paths.config_path(args.config)), "valid": False, "error": str(exc)}
-        report["ok"] = False
-        report["problems"].append(str(exc))
+    loaded = _config(args, report)
+    if loaded is None:
         return report
-    from assistant.machine.profiles import apply_profile
-
+    config, registry = loaded
     try:  # the first profile matching this machine sets backend, model, threads, context
-        config, profile = apply_profile(config, machine)
+        config, profile = apply_profile(config, machine, known_backends=registry.names())
     except ConfigError as exc:
-        report["ok"] = False
-        report["problems"].append(str(exc))
+        _problem(report, str(exc))
         return report
     report["profile"] = profile.to_dict()
 
+    # The built-ins are found without importing them; plugins' backends answer for themselves.
     available = hardware.backend_availability()
+    available.update(registry.availability([n for n in registry.names() if n not in available]))
     report["backends"] = {name: {"available": ok, "detail": why} for name, (ok, why) in available.items()}
-    name, why = hardware.choose_backend(machine, config.backend, available)
-    report["backend"] = {"configured": config.backend, "chosen": name, "reason": why}
-    if not available.get(name, (False,))[0]:
-        report["ok"] = False
-        report["problems"].append(f"backend {name} is not available: {available.get(name, (False, '?'))[1]}")
+    choice, problem = _choose(config.backend, machine, available)
+    report["backend"] = {"configured": config.backend, "chosen": choice.name, "reason": choice.reason}
+    if problem:
+        _problem(report, problem)
+    report["model"] = _model(config, machine, available, registry, choice.name, report)
+    report["daemon"] = _daemon_view(args)
+    return report
+
+
+def _problem(report: dict[str, Any], text: str) -> None:
+    report["ok"] = False
+    report["problems"].append(text)
+
+
+def _config(args: argparse.Namespace, report: dict[str, Any]):
+    """(config, backend registry) as the daemon would have them, or None (reported) when the config is invalid."""
+    from assistant.cli import local_backends
+    from assistant.config import ConfigError, check_backends, load_config
+
+    path = str(paths.config_path(args.config))
+    try:
+        config = load_config(paths.config_path(args.config) if args.config else None)
+        registry = local_backends(args, config)  # plugins may add backends the config names
+        check_backends(config, registry.names())
+    except ConfigError as exc:
+        report["config"] = {"path": path, "valid": False, "error": str(exc)}
+        _problem(report, str(exc))
+        return None
+    report["config"] = {"path": path, "loaded_from": str(config.source) if config.source else None, "valid": True}
+    return config, registry
+
+
+def _choose(requested: str | None, machine: hardware.Machine,
+            available: dict[str, tuple[bool, str]]) -> tuple[BackendChoice, str | None]:
+    """The daemon's backend choice, and the problem when it cannot run here: doctor
+    shows a choice that cannot run, with why, rather than stopping at it."""
+    try:
+        return choose_backend(requested, machine, available), None
+    except BackendChoiceError as exc:
+        if exc.choice is None:  # an unknown name (check_backends lets none through)
+            return BackendChoice(str(requested), exc.message), exc.message
+        name = exc.choice.name
+        return exc.choice, f"backend {name} is not available: {available.get(name, (False, '?'))[1]}"
+
+
+def _model(config, machine: hardware.Machine, available: dict[str, tuple[bool, str]], registry,
+           backend: str, report: dict[str, Any]) -> dict[str, Any]:
+    """The configured model: its file for the backend that would run it, and whether it fits."""
+    from backends.base import BackendUnavailable, ModelLoadError
+
+    from assistant.config.models import resolve_model
 
     threads, threads_why = hardware.pick_threads(machine)
     model: dict[str, Any] = {"name": config.model}
-    report["model"] = model
     try:
         spec = resolve_model(config.model, config)
-        model_backend = hardware.choose_backend(machine, spec.backend, available)[0] if spec.backend else name
+        model_backend = _choose(spec.backend, machine, available)[0].name if spec.backend else backend
         model["backend"] = model_backend
         # The file that backend loads (an alias may name one per backend), and whether it can.
-        spec = spec.for_backend(model_backend, check=available.get(model_backend, (False,))[0])
+        ok = available.get(model_backend, (False,))[0]
+        spec = spec.for_backend(model_backend, check=ok, backend_class=registry.get(model_backend) if ok else None)
         model["path"] = str(spec.path)
-        if spec.path.is_dir():
-            from backends.mlx_backend import folder_summary
-
-            info = folder_summary(spec.path)
-            size = info.pop("size_bytes")
-        else:
-            info = summary(read_metadata(spec.path))
-            size = spec.path.stat().st_size
-        info["model_name"] = info.pop("name", None)  # the file's own name; "name" is the alias
+        info, size = _describe_file(spec.path)
         model.update(info, size_bytes=size)
         requested_ctx = spec.context or (None if config.context == "auto" else int(config.context))
         ctx, ctx_why = hardware.pick_context(machine, train_ctx=int(info["context_length"] or 0), model_bytes=size,
@@ -84,16 +116,28 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         fits, fit_why = hardware.fits_in_memory(machine, size, kv)
         model.update(context=ctx, context_reason=ctx_why, fits=fits, fit_reason=fit_why)
         if not fits:
-            report["ok"] = False
-            report["problems"].append(f"model {config.model}: {fit_why}")
-    except ModelLoadError as exc:
+            _problem(report, f"model {config.model}: {fit_why}")
+    except (ModelLoadError, BackendUnavailable) as exc:
         model["error"] = str(exc)
-        report["ok"] = False
-        report["problems"].append(str(exc))
+        _problem(report, str(exc))
     model.update(threads=threads, threads_reason=threads_why)
+    return model
 
-    report["daemon"] = _daemon_view(args)
-    return report
+
+def _describe_file(path) -> tuple[dict[str, Any], int]:
+    """(header summary, size in bytes) of a GGUF file or an MLX folder; reads no weights."""
+    from backends.gguf import read_metadata, summary
+
+    if path.is_dir():
+        from backends.mlx_backend import folder_summary
+
+        info = folder_summary(path)
+        size = info.pop("size_bytes")
+    else:
+        info = summary(read_metadata(path))
+        size = path.stat().st_size
+    info["model_name"] = info.pop("name", None)  # the file's own name; "name" is the alias
+    return info, size
 
 
 def _daemon_view(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,19 +15,23 @@ dict, so every error can name the line it is about::
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 from assistant import paths
 from assistant.protocol import DEFAULT_MAX_LINE_BYTES
-from assistant.tui.keys import ACTIONS as TUI_ACTIONS
+from assistant.keymap import ACTIONS as TUI_ACTIONS
 
+# The built-in backends (backends.BUILTIN_BACKENDS), for messages and docs. A
+# plugin may register more, so a file naming another one is read all the same
+# and checked by check_backends once the plugins have registered theirs.
 BACKENDS = ("auto", "llama.cpp", "mlx")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_MODEL = "smollm2-135m"
@@ -87,6 +91,10 @@ class Field:
     default: Any = None
     doc: str = ""
     choices: tuple[str, ...] = ()
+    # Names a registry can add to: for a str, ``choices``; for a section, the
+    # keys of ``fields`` (others are checked against ``item``). Both are then
+    # the built-in names, other names pass here and check_backends checks them.
+    open: bool = False
     min: float | None = None
     max: float | None = None
     min_open: bool = False  # the bound itself is excluded (x > min)
@@ -227,7 +235,7 @@ MODEL_FIELDS: dict[str, Field] = {
     "path": Field("str", doc="Model file (GGUF) or MLX model directory; ~ is expanded.",
                   required=True, expand_user=True),
     "backend": Field("str", None, "Backend for this model; null uses the top-level backend.",
-                     choices=BACKENDS, nullable=True),
+                     choices=BACKENDS, open=True, nullable=True),
     "context": Field("int", None, "Context window for this model; null uses the top-level context.",
                      min=256, nullable=True),
     "threads": Field("int", None, "Decode threads for this model; null uses the top-level threads.",
@@ -237,7 +245,9 @@ MODEL_FIELDS: dict[str, Field] = {
     "paths": Field("section", doc="A file per backend (an MLX folder for mlx, a GGUF for llama.cpp); the "
                    "chosen backend's entry replaces path.",
                    fields={b: Field("str", None, f"Model for the {b} backend; null uses path.", nullable=True,
-                                    expand_user=True) for b in BACKENDS if b != "auto"}),
+                                    expand_user=True) for b in BACKENDS if b != "auto"},
+                   open=True, item=Field("str", None, "Model for this backend; null uses path.", nullable=True,
+                                         expand_user=True)),
     "speculative": Field("section", doc="Speculative decoding for this model: drafter, draft_model, max_draft "
                          "(null: the top-level speculative settings).", fields=MODEL_SPECULATIVE_FIELDS,
                          cls=ModelSpeculative),
@@ -266,7 +276,7 @@ PROFILE_FIELDS: dict[str, Field] = {
     "platform": Field("str", None, "Matches '<os>-<arch>' as `assistant doctor` shows it, e.g. darwin-arm64 or "
                       "linux-x86_64 (glob).", nullable=True),
     "backend": Field("str", None, "Backend on this machine; null keeps the top-level backend.",
-                     choices=BACKENDS, nullable=True),
+                     choices=BACKENDS, open=True, nullable=True),
     "model": Field("str", None, "Default model on this machine; null keeps the top-level model.", nullable=True),
     "threads": Field("int", None, "Decode threads on this machine; null keeps the top-level threads.",
                      min=1, auto=True, nullable=True),
@@ -314,7 +324,7 @@ class TuiSettings:
 SCHEMA: dict[str, Field] = {
     "model": Field("str", DEFAULT_MODEL, "Default model: an alias (built-in or from models:) or a path."),
     "backend": Field("str", "auto", "Inference backend; auto picks mlx on Apple Silicon when mlx-lm is "
-                     "installed, llama.cpp elsewhere.", choices=BACKENDS),
+                     "installed, llama.cpp elsewhere; a plugin's backend by its name.", choices=BACKENDS, open=True),
     "context": Field("int", "auto", "Context window in tokens; auto sizes it from the model and free RAM.",
                      min=256, auto=True),
     "threads": Field("int", "auto", "CPU threads for decoding; auto uses the physical cores.", min=1, auto=True),
@@ -367,6 +377,8 @@ class Config:
     # way to a model's own recommendation, as for generation).
     source: Path | None = None
     given: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
+    # The line of each dotted key the file sets, for errors found after reading (check_backends).
+    lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The effective config (defaults merged) as plain data, in schema order."""
@@ -417,6 +429,34 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         loader.dispose()
 
 
+def check_backends(config: Config, names: Iterable[str]) -> None:
+    """Raise ``ConfigError`` for a backend the config names that is not in ``names``.
+
+    ``names`` are the backend registry's names (the built-ins and what
+    plugins registered); ``auto`` is always allowed in a ``backend:`` key.
+    Checked: the top-level ``backend``, each model alias's ``backend`` and
+    ``paths:`` keys, and each profile's ``backend``. Reading a file cannot
+    check these, because the plugins it names in ``plugin_dirs`` and
+    ``plugins`` register their backends only after it was read; run this
+    once they have. The error names the file, line, key, the bad name and
+    the known ones, as a reading error would."""
+    known = [n for n in names if n != "auto"]
+    choices = ("auto", *known)
+    keys = [("backend", config.backend, SCHEMA["backend"])]
+    keys += [(f"models.{alias}.backend", m.backend, MODEL_FIELDS["backend"]) for alias, m in config.models.items()]
+    keys += [(f"profiles.{name}.backend", p.backend, PROFILE_FIELDS["backend"])
+             for name, p in config.profiles.items()]
+    for key, value, spec in keys:
+        if value is not None and value not in choices:
+            detail = _bad_value(dataclasses.replace(spec, choices=choices, open=False), value)
+            raise ConfigError(detail, path=config.source, line=config.lines.get(key), key=key)
+    for alias, entry in config.models.items():
+        for backend in entry.paths:
+            if backend not in known:
+                raise ConfigError(_unknown_key(backend, known), path=config.source, key=f"models.{alias}.paths",
+                                  line=config.lines.get(f"models.{alias}.paths.{backend}"))
+
+
 def dump_effective(config: Config) -> str:
     """The effective config as YAML (for ``assistant config show``); it loads back to the same config."""
     source = str(config.source) if config.source else "none (built-in defaults)"
@@ -453,7 +493,7 @@ def _validate(root: yaml.Node | None, loader: yaml.SafeLoader | None, path: Path
     if root is not None and not _is_null(root) and not isinstance(root, yaml.MappingNode):
         raise checker.error(root, None, f"the top level must be a mapping of keys, got {_kind_of(root)}")
     values = checker.section(SCHEMA, None if root is None or _is_null(root) else root, "", None)
-    return Config(**values, source=path, given=frozenset(checker.given))
+    return Config(**values, source=path, given=frozenset(checker.given), lines=checker.lines)
 
 
 class _Checker:
@@ -463,6 +503,7 @@ class _Checker:
         self.loader = loader
         self.path = path
         self.given: set[str] = set()  # dotted keys present (and not null) in the file
+        self.lines: dict[str, int] = {}  # dotted key -> line of the key (of the value where there is no key)
 
     def error(self, node: yaml.Node | None, key: str | None, detail: str,
               mark: yaml.Mark | None = None) -> ConfigError:
@@ -472,14 +513,16 @@ class _Checker:
 
     def value(self, spec: Field, node: yaml.Node | None, key: str, key_mark: yaml.Mark | None) -> Any:
         """Check one value (node None: the key was absent) and return it with defaults filled in."""
-        if node is not None and not _is_null(node):
-            self.given.add(key)
+        if node is not None:
+            self.lines[key] = (key_mark or node.start_mark).line + 1
+            if not _is_null(node):
+                self.given.add(key)
         if spec.kind == "section":
             # A section whose children are all commented out reads as null: same as absent.
             if node is not None and not _is_null(node) and not isinstance(node, yaml.MappingNode):
                 raise self.error(node, key, f"expected {spec.expected()}, got {_kind_of(node)}")
             values = self.section(spec.fields or {}, None if node is None or _is_null(node) else node,
-                                  key, key_mark)
+                                  key, key_mark, spec.item if spec.open else None)
             try:
                 return spec.cls(**values) if spec.cls else values
             except ValueError as exc:  # a section's own check across its keys (__post_init__)
@@ -504,18 +547,22 @@ class _Checker:
         return self.scalar(spec, node, key)
 
     def section(self, fields: Mapping[str, Field], node: yaml.MappingNode | None, key: str,
-                key_mark: yaml.Mark | None) -> dict[str, Any]:
+                key_mark: yaml.Mark | None, open_item: Field | None = None) -> dict[str, Any]:
         seen: dict[str, tuple[yaml.Node, yaml.Mark]] = {}
+        others = {}  # keys an open section takes beyond its fields (a plugin's backend under paths:)
         for name, vnode, kmark in self.pairs(None, node, key):
-            if name not in fields:
+            if name in fields:
+                seen[name] = (vnode, kmark)
+            elif open_item is not None:
+                others[name] = self.value(open_item, vnode, _join(key, name), kmark)
+            else:
                 raise self.error(None, key, _unknown_key(name, fields), mark=kmark)
-            seen[name] = (vnode, kmark)
         out = {}
         for name, spec in fields.items():
             vnode, kmark = seen.get(name, (None, None))
             # An absent required key is reported at the line of its section's key.
             out[name] = self.value(spec, vnode, _join(key, name), kmark or key_mark)
-        return out
+        return {**out, **others}
 
     def pairs(self, spec: Field | None, node: yaml.Node | None, key: str):
         """(name, value node, key mark) for each entry of a mapping node; keys must be strings."""
@@ -538,15 +585,20 @@ class _Checker:
         ok, value = _coerce(spec, value)
         if ok:
             return value
-        detail = f"expected {spec.expected()}, got {_describe(value)}"
-        if spec.choices and isinstance(value, str):
-            close = difflib.get_close_matches(value, spec.choices, n=1)
-            if close:
-                detail += f"; did you mean '{close[0]}'?"
-        elif spec.kind in ("int", "float") and isinstance(value, str) and _looks_numeric(value):
-            # PyYAML reads 1e-3 (no '.') and quoted numbers as text.
-            detail += " (text, not a number: write it unquoted, with a '.' before any exponent, e.g. 1.0e-3)"
-        raise self.error(node, key, detail)
+        raise self.error(node, key, _bad_value(spec, value))
+
+
+def _bad_value(spec: Field, value: Any) -> str:
+    """What is wrong with ``value`` for ``spec``, with a hint where one helps."""
+    detail = f"expected {spec.expected()}, got {_describe(value)}"
+    if spec.choices and isinstance(value, str):
+        close = difflib.get_close_matches(value, spec.choices, n=1)
+        if close:
+            detail += f"; did you mean '{close[0]}'?"
+    elif spec.kind in ("int", "float") and isinstance(value, str) and _looks_numeric(value):
+        # PyYAML reads 1e-3 (no '.') and quoted numbers as text.
+        detail += " (text, not a number: write it unquoted, with a '.' before any exponent, e.g. 1.0e-3)"
+    return detail
 
 
 def _coerce(spec: Field, value: Any) -> tuple[bool, Any]:
@@ -558,7 +610,7 @@ def _coerce(spec: Field, value: Any) -> tuple[bool, Any]:
     if spec.kind == "bool":
         return isinstance(value, bool), value
     if spec.kind == "str":
-        if not isinstance(value, str) or (spec.choices and value not in spec.choices):
+        if not isinstance(value, str) or (spec.choices and not spec.open and value not in spec.choices):
             return False, value
         return True, os.path.expanduser(value) if spec.expand_user else value
     # bool is a subclass of int: `top_k: true` must not read as 1.
@@ -575,9 +627,10 @@ def _coerce(spec: Field, value: Any) -> tuple[bool, Any]:
     return True, float(value) if spec.kind == "float" else value
 
 
-def _unknown_key(name: str, fields: Mapping[str, Field]) -> str:
-    detail = f"unknown key '{name}' (known keys: {', '.join(sorted(fields))})"
-    close = difflib.get_close_matches(name, list(fields), n=1)
+def _unknown_key(name: str, known: Iterable[str]) -> str:
+    known = list(known)  # a section's fields, or the backend names
+    detail = f"unknown key '{name}' (known keys: {', '.join(sorted(known))})"
+    close = difflib.get_close_matches(name, known, n=1)
     if close:
         detail += f"; did you mean '{close[0]}'?"
     return detail
@@ -586,7 +639,10 @@ def _unknown_key(name: str, fields: Mapping[str, Field]) -> str:
 def _export(spec: Field, value: Any) -> Any:
     if spec.kind == "section":
         get = value.get if isinstance(value, dict) else (lambda n: getattr(value, n))
-        return {name: _export(f, get(name)) for name, f in (spec.fields or {}).items()}
+        out = {name: _export(f, get(name)) for name, f in (spec.fields or {}).items()}
+        if spec.open and isinstance(value, dict):  # the keys beyond the built-in ones
+            out.update((name, _export(spec.item, v)) for name, v in value.items() if name not in out)
+        return out
     if spec.kind == "map":
         return {name: _export(spec.item, v) for name, v in value.items()}
     if spec.kind == "list":

@@ -63,14 +63,17 @@ class ModelSpec:
     # Sampling defaults the model comes with (built-ins); the config's generation keys win.
     generation: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def for_backend(self, backend: str, *, check: bool = True) -> "ModelSpec":
+    def for_backend(self, backend: str, *, check: bool = True, backend_class: type | None = None) -> "ModelSpec":
         """This model as the backend called ``backend`` will load it.
 
         Picks the alias's file for that backend when it names one (else
         ``path``), and with ``check`` asks the backend whether it can load it
         (``Backend.check_model``: headers and JSON, not weights), so a load
-        bound to fail is refused before anything is unloaded. Raises
-        ``ModelNotFoundError`` / ``ModelLoadError``."""
+        bound to fail is refused before anything is unloaded. The check uses
+        ``backend_class`` (the class the registry has under ``backend``;
+        default: the built-in backend of that name). Raises
+        ``ModelNotFoundError`` / ``ModelLoadError``, and ``BackendUnavailable``
+        when no class is given and no built-in backend has that name."""
         path = self.paths.get(backend)
         if path is not None and path != self.path:
             if not path.exists():
@@ -81,9 +84,11 @@ class ModelSpec:
                 raise ModelNotFoundError(self.missing)
             spec = self
         if check:
-            from backends import get_backend_class
+            if backend_class is None:
+                from backends import BackendRegistry
 
-            check_model = getattr(get_backend_class(backend), "check_model", None)
+                backend_class = BackendRegistry.builtin().get(backend)
+            check_model = getattr(backend_class, "check_model", None)
             if check_model is not None:
                 check_model(str(spec.path))
         return spec

@@ -1,11 +1,12 @@
 """What machine are we on, and what follows from that.
 
-:func:`probe` gathers facts into a :class:`Machine`; every decision
-(:func:`pick_threads`, :func:`pick_context`, :func:`fits_in_memory`,
-:func:`choose_backend`) is a pure function of a ``Machine`` plus its other
-arguments, so tests and ``assistant doctor`` can feed in any machine they
-like. Each decision returns a human reason alongside the value, because
-"why did it pick that?" is the first question a user asks.
+:func:`probe` gathers facts into a :class:`Machine`. The decisions made from
+it are pure functions of a ``Machine`` plus their other arguments, so tests
+and ``assistant doctor`` can feed in any machine they like: the sizing ones
+(:func:`pick_threads`, :func:`pick_context`, :func:`fits_in_memory`) live in
+``backends.sizing``, where backends use them on the :func:`figures` the
+daemon hands them, and are imported here for doctor; the backend choice is
+``assistant.machine.choice``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from assistant.config import BACKENDS
+from backends.base import MachineFigures
+from backends.sizing import fits_in_memory, parse_meminfo, pick_context, pick_threads
 
-DEFAULT_CONTEXT_CAP = 4096
-MIN_CONTEXT = 512
-# Share of the RAM left after the model that the KV cache may take; the rest
-# stays with the OS and the user's other programs.
-KV_RAM_FRACTION = 0.5
-_CONTEXT_STEP = 256  # shrunk contexts are rounded down to a multiple of this
+__all__ = ["Machine", "backend_availability", "figures", "fits_in_memory", "parse_cpuinfo", "parse_meminfo",
+           "pick_context", "pick_threads", "probe"]
 
 _T = TypeVar("_T")
 
@@ -61,6 +59,13 @@ class Machine:
         return dataclasses.asdict(self)
 
 
+def figures(machine: Machine) -> MachineFigures:
+    """What a backend needs of ``machine`` to size a load, as plain values (``LoadOptions.machine``)."""
+    return MachineFigures(physical_cores=machine.physical_cores, logical_cores=machine.logical_cores,
+                          ram_total_bytes=machine.ram_total_bytes, ram_available_bytes=machine.ram_available_bytes,
+                          performance_cores=machine.performance_cores)
+
+
 # --------------------------------------------------------------------------
 # Probing (never raises: every fact falls back to None or os.cpu_count())
 
@@ -71,64 +76,60 @@ def probe() -> Machine:
     arch = _normalize_arch(platform.machine())
     hostname = _safe(socket.gethostname, "") or platform.node()
     fallback = max(1, os.cpu_count() or 1)
-    cpu_model = chip = perf = None
-    physical = logical = fallback
-    total = available = None
-    apple = False
-    gpu: list[str] = []
-
+    facts: dict[str, Any] = {"cpu_model": None, "chip": None, "performance_cores": None, "physical_cores": fallback,
+                             "logical_cores": fallback, "ram_total_bytes": None, "ram_available_bytes": None,
+                             "apple_silicon": False, "gpu": []}
     if system == "linux":
-        affinity = _safe(lambda: set(os.sched_getaffinity(0)), None)
-        cpuinfo = _safe(lambda: Path("/proc/cpuinfo").read_text(errors="replace"), "")
-        cpu_model, physical_found = parse_cpuinfo(cpuinfo, affinity)
-        physical_found = physical_found or _safe(lambda: _sysfs_physical_cores(affinity), None)
-        logical = len(affinity) if affinity else fallback
-        physical = min(physical_found or logical, logical)
-        quota = _safe(_cgroup_cpu_limit, None)
-        if quota is not None:
-            logical = min(logical, quota)
-            physical = min(physical, quota)
-        meminfo = _safe(lambda: parse_meminfo(Path("/proc/meminfo").read_text()), {})
-        total, available = meminfo.get("MemTotal"), meminfo.get("MemAvailable")
-        limit, used = _safe(_cgroup_memory, (None, None))
-        if limit is not None:
-            total = min(total, limit) if total else limit
-            if used is not None:
-                free_in_cgroup = max(0, limit - used)
-                available = min(available, free_in_cgroup) if available is not None else free_in_cgroup
-        if shutil.which("nvidia-smi") or os.path.exists("/proc/driver/nvidia"):
-            gpu.append("cuda")
-        if os.path.exists("/dev/kfd"):
-            gpu.append("rocm")
+        facts.update(_linux_facts(fallback))
     elif system == "darwin":
-        apple = _sysctl("hw.optional.arm64") == "1"
-        chip = cpu_model = _sysctl("machdep.cpu.brand_string")
-        physical = _int(_sysctl("hw.physicalcpu")) or fallback
-        logical = _int(_sysctl("hw.logicalcpu")) or fallback
-        perf = _int(_sysctl("hw.perflevel0.physicalcpu")) if apple else None
-        total = _int(_sysctl("hw.memsize"))
-        available = _safe(_darwin_available_bytes, None)
-        if apple:
-            gpu.append("metal")
+        facts.update(_darwin_facts(fallback))
+    if facts["ram_total_bytes"] is None:
+        facts["ram_total_bytes"] = _safe(lambda: os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None)
+    facts["physical_cores"] = max(1, facts["physical_cores"])
+    facts["logical_cores"] = max(1, facts["logical_cores"])
+    return Machine(os=system, arch=arch, platform_tag=f"{system}-{arch}", hostname=hostname,
+                   unified_memory=facts["apple_silicon"], **facts)
 
-    if total is None:
-        total = _safe(lambda: os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None)
-    return Machine(
-        os=system,
-        arch=arch,
-        platform_tag=f"{system}-{arch}",
-        hostname=hostname,
-        cpu_model=cpu_model,
-        physical_cores=max(1, physical),
-        logical_cores=max(1, logical),
-        ram_total_bytes=total,
-        ram_available_bytes=available,
-        apple_silicon=apple,
-        chip=chip,
-        gpu=gpu,
-        performance_cores=perf,
-        unified_memory=apple,
-    )
+
+def _linux_facts(fallback: int) -> dict[str, Any]:
+    """Cores and memory usable by this process (affinity, cgroup limits), and GPUs, from /proc and /sys."""
+    affinity = _safe(lambda: set(os.sched_getaffinity(0)), None)
+    cpuinfo = _safe(lambda: Path("/proc/cpuinfo").read_text(errors="replace"), "")
+    cpu_model, physical_found = parse_cpuinfo(cpuinfo, affinity)
+    physical_found = physical_found or _safe(lambda: _sysfs_physical_cores(affinity), None)
+    logical = len(affinity) if affinity else fallback
+    physical = min(physical_found or logical, logical)
+    quota = _safe(_cgroup_cpu_limit, None)
+    if quota is not None:
+        logical = min(logical, quota)
+        physical = min(physical, quota)
+    meminfo = _safe(lambda: parse_meminfo(Path("/proc/meminfo").read_text()), {})
+    total, available = meminfo.get("MemTotal"), meminfo.get("MemAvailable")
+    limit, used = _safe(_cgroup_memory, (None, None))
+    if limit is not None:
+        total = min(total, limit) if total else limit
+        if used is not None:
+            free_in_cgroup = max(0, limit - used)
+            available = min(available, free_in_cgroup) if available is not None else free_in_cgroup
+    gpu = []
+    if shutil.which("nvidia-smi") or os.path.exists("/proc/driver/nvidia"):
+        gpu.append("cuda")
+    if os.path.exists("/dev/kfd"):
+        gpu.append("rocm")
+    return {"cpu_model": cpu_model, "physical_cores": physical, "logical_cores": logical,
+            "ram_total_bytes": total, "ram_available_bytes": available, "gpu": gpu}
+
+
+def _darwin_facts(fallback: int) -> dict[str, Any]:
+    """The chip, its cores (P-cores apart), memory and Metal, from sysctl and vm_stat."""
+    apple = _sysctl("hw.optional.arm64") == "1"
+    chip = _sysctl("machdep.cpu.brand_string")
+    return {"apple_silicon": apple, "chip": chip, "cpu_model": chip,
+            "physical_cores": _int(_sysctl("hw.physicalcpu")) or fallback,
+            "logical_cores": _int(_sysctl("hw.logicalcpu")) or fallback,
+            "performance_cores": _int(_sysctl("hw.perflevel0.physicalcpu")) if apple else None,
+            "ram_total_bytes": _int(_sysctl("hw.memsize")), "ram_available_bytes": _safe(_darwin_available_bytes, None),
+            "gpu": ["metal"] if apple else []}
 
 
 def parse_cpuinfo(text: str, allowed: set[int] | None = None) -> tuple[str | None, int | None]:
@@ -158,16 +159,6 @@ def parse_cpuinfo(text: str, allowed: set[int] | None = None) -> tuple[str | Non
                 pass
             cores.add((info["physical id"], info["core id"]))
     return model, (len(cores) or None)
-
-
-def parse_meminfo(text: str) -> dict[str, int]:
-    """/proc/meminfo as {field: bytes} (the kernel writes kB, meaning KiB)."""
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"(\w+):\s+(\d+)(?:\s+kB)?", line)
-        if m:
-            out[m.group(1)] = int(m.group(2)) * (1024 if line.rstrip().endswith("kB") else 1)
-    return out
 
 
 def _sysfs_physical_cores(allowed: set[int] | None) -> int | None:
@@ -288,93 +279,7 @@ def _safe(fn: Callable[[], _T], default: _T) -> _T:
 
 
 # --------------------------------------------------------------------------
-# Decisions (pure functions of a Machine)
-
-
-def pick_threads(machine: Machine) -> tuple[int, str]:
-    """Decode threads for llama.cpp and why: one per physical core, at least 1.
-
-    Decoding is memory-bound and threads meet at a barrier every step, so
-    hyperthread siblings and efficiency cores add nothing or slow it down.
-    """
-    physical = max(1, machine.physical_cores or machine.logical_cores or 1)
-    perf = machine.performance_cores
-    if perf and 0 < perf < physical:
-        # llama.cpp itself counts only P-cores on macOS, for the same reason.
-        return perf, (f"{perf} performance cores of {physical} (the efficiency cores would slow "
-                      f"every decode step down to their pace)")
-    if physical <= 4:
-        return physical, f"all {physical} physical core{'s' * (physical != 1)} (with 4 or fewer, none is left spare)"
-    extra = (f" of {machine.logical_cores} logical; hyperthreads add no decoding speed"
-             if machine.logical_cores > physical else "")
-    return physical, f"{physical} physical cores ({'one thread per core' + extra})"
-
-
-def pick_context(
-    machine: Machine,
-    *,
-    train_ctx: int,
-    model_bytes: int,
-    kv_bytes_per_token: int | None,
-    requested: int | None,
-) -> tuple[int, str]:
-    """Context size in tokens and why.
-
-    A requested size is used as is, capped at the training context. Otherwise
-    min(train_ctx, 4096), shrunk (in steps of 256, never below 512) until the
-    KV cache fits in half of the RAM that is available once the model is
-    loaded. ``train_ctx <= 0`` means unknown; ``kv_bytes_per_token`` None
-    means the memory check is skipped.
-    """
-    if requested is not None:
-        if train_ctx > 0 and requested > train_ctx:
-            return train_ctx, (f"{train_ctx}: {requested} was requested but the model was trained "
-                               f"on {train_ctx} tokens, so it is capped there")
-        return requested, f"{requested}: set in config"
-
-    if train_ctx <= 0:
-        ctx, why = DEFAULT_CONTEXT_CAP, f"the default {DEFAULT_CONTEXT_CAP} (training context unknown)"
-    elif train_ctx > DEFAULT_CONTEXT_CAP:
-        ctx, why = DEFAULT_CONTEXT_CAP, (f"the default cap {DEFAULT_CONTEXT_CAP} (the model was trained "
-                                         f"on {train_ctx}; set context: to use more)")
-    else:
-        ctx, why = train_ctx, f"the model's training context {train_ctx}"
-    floor = min(MIN_CONTEXT, ctx)
-
-    available = machine.ram_available_bytes
-    if not kv_bytes_per_token or available is None:
-        return ctx, f"{ctx}: {why}"
-    budget = (available - model_bytes) * KV_RAM_FRACTION
-    fit = int(budget // kv_bytes_per_token) if budget > 0 else 0
-    if fit >= ctx:
-        return ctx, f"{ctx}: {why}; its KV cache ({_size(ctx * kv_bytes_per_token)}) fits in memory"
-    shrunk = max(floor, fit // _CONTEXT_STEP * _CONTEXT_STEP)
-    need = _size(ctx * kv_bytes_per_token)
-    if budget <= 0:
-        room = (f"the model ({_size(model_bytes)}) leaves no room in {_size(available)} of available RAM")
-    else:
-        room = (f"a {ctx}-token KV cache needs {need} but only {_size(budget)} is budgeted "
-                f"(half of the {_size(available - model_bytes)} available after the {_size(model_bytes)} model)")
-    at_floor = " (the minimum)" if shrunk == floor and fit < floor else ""
-    return shrunk, f"{shrunk}{at_floor}: reduced from {ctx}; {room}"
-
-
-def fits_in_memory(machine: Machine, model_bytes: int, kv_bytes: int) -> tuple[bool, str]:
-    """Whether the model plus its KV cache fit in the RAM available now, and the figures."""
-    need = model_bytes + kv_bytes
-    parts = f"{_size(need)} (model {_size(model_bytes)} + KV cache {_size(kv_bytes)})"
-    available, total = machine.ram_available_bytes, machine.ram_total_bytes
-    if available is None and total is None:
-        return True, f"needs {parts}; RAM size unknown, assuming it fits"
-    if available is None:
-        ok = need <= total
-        return ok, f"needs {parts} of {_size(total)} total RAM (free RAM unknown)"
-    if need <= available:
-        return True, f"needs {parts}; {_size(available)} available"
-    hint = ("close other programs, or use a smaller model or context" if total is None or need <= total
-            else "more than this machine has; use a smaller model or quantization, or a smaller context")
-    of_total = f" of {_size(total)}" if total is not None else ""
-    return False, f"needs {parts} but only {_size(available)}{of_total} is available: {hint}"
+# Which backends are installed (for doctor: without importing them)
 
 
 def backend_availability() -> dict[str, tuple[bool, str]]:
@@ -392,28 +297,6 @@ def backend_availability() -> dict[str, tuple[bool, str]]:
     return result
 
 
-def choose_backend(machine: Machine, requested: str, available: dict[str, tuple[bool, str]]) -> tuple[str, str]:
-    """(backend, reason) for a configured ``backend`` value.
-
-    ``auto`` picks mlx on darwin-arm64 when it is available, llama.cpp
-    otherwise. A pinned backend is returned even if unavailable: reporting
-    that is the caller's job, with ``available``'s reason.
-    """
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown backend {requested!r} (known: {', '.join(BACKENDS)})")
-    if requested != "auto":
-        return requested, "pinned in config"
-    mlx_ok, mlx_why = available.get("mlx", (False, "not checked"))
-    if machine.os == "darwin" and machine.arch == "arm64":
-        if mlx_ok:
-            return "mlx", "auto: Apple Silicon (darwin-arm64) with mlx-lm installed"
-        return "llama.cpp", f"auto: Apple Silicon, but MLX is unavailable ({mlx_why}); llama.cpp runs on Metal"
-    if machine.os == "darwin" and machine.apple_silicon:
-        return "llama.cpp", (f"auto: Apple Silicon, but this Python is {machine.arch} (Rosetta), which "
-                             f"MLX does not support; install a native arm64 Python to use MLX")
-    return "llama.cpp", f"auto: llama.cpp on {machine.platform_tag} (MLX is only picked on Apple Silicon)"
-
-
 def _find(module: str) -> str | None:
     try:
         spec = importlib.util.find_spec(module)
@@ -425,13 +308,3 @@ def _find(module: str) -> str | None:
         return str(Path(spec.origin).parent)
     locations = list(spec.submodule_search_locations or [])  # a namespace package
     return locations[0] if locations else module
-
-
-def _size(n: float) -> str:
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "GiB":
-            break
-    return f"{n:.1f} {unit}"

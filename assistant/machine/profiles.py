@@ -43,7 +43,9 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from assistant.config import BACKENDS, Config, ConfigError, Profile
+from backends import BUILTIN_BACKENDS
+
+from assistant.config import Config, ConfigError, Profile
 from assistant.machine.hardware import Machine
 
 APPLIED_KEYS = ("backend", "model", "threads", "context")
@@ -92,25 +94,29 @@ def select_profile(profiles: dict[str, Profile], machine: Machine) -> tuple[str,
     return None
 
 
-def check_profiles(config: Config, known_backends: Iterable[str] = BACKENDS) -> None:
+def check_profiles(config: Config, known_backends: Iterable[str] | None = None) -> None:
     """ConfigError for a profile that names a backend not in ``known_backends``.
 
-    The config schema already rejects unknown names when the file is read;
-    this also covers configs built in code and backends a plugin removed."""
-    known = list(known_backends)
+    ``known_backends`` is the backend registry's names (default: the
+    built-in backends); ``auto`` is always known. ``check_backends`` checks
+    every backend key of a file read from disk, with its line; this also
+    covers configs built in code."""
+    known = ["auto", *(n for n in (BUILTIN_BACKENDS if known_backends is None else known_backends) if n != "auto")]
     for name, profile in config.profiles.items():
         if profile.backend is not None and profile.backend not in known:
+            key = f"profiles.{name}.backend"
             raise ConfigError(f"unknown backend {profile.backend!r} (known: {', '.join(known)})",
-                              path=config.source, key=f"profiles.{name}.backend")
+                              path=config.source, line=config.lines.get(key), key=key)
 
 
 def apply_profile(config: Config, machine: Machine, *,
-                  known_backends: Iterable[str] = BACKENDS) -> tuple[Config, ProfileChoice]:
+                  known_backends: Iterable[str] | None = None) -> tuple[Config, ProfileChoice]:
     """The effective config on ``machine`` and which profile made it so.
 
     Returns a new ``Config`` (the one given is not changed) with the first
     matching profile's non-null settings in place of the top-level ones.
-    Raises ``ConfigError`` for a profile naming an unknown backend."""
+    Raises ``ConfigError`` for a profile naming a backend not in
+    ``known_backends`` (the registry's names; default: the built-ins)."""
     check_profiles(config, known_backends)
     where = f"{machine.hostname or '?'} ({machine.platform_tag})"
     if not config.profiles:
