@@ -1,13 +1,14 @@
 """The generation loop's logic, on a tiny scripted backend (the real model is
 exercised end to end in test_daemon.py and test_llamacpp_backend.py)."""
 
+import dataclasses
 import threading
 
 import numpy as np
 import pytest
 
-from assistant.inference.generation import StopMatcher, common_prefix, generate
-from assistant.inference.sampling import SamplingParams
+from assistant.inference.generation import StopMatcher, common_prefix, generate, plain_tokens
+from assistant.inference.sampling import Sampler, SamplingParams
 from backends.base import Backend, ContextOverflowError, ModelInfo
 
 EOS = 0
@@ -83,7 +84,7 @@ def test_greedy_generation_streams_and_stops_at_eos():
     r = generate(b, b.tokenize("uvw"), GREEDY, max_tokens=50, on_text=pieces.append)
     assert r.text == "xyz" and "".join(pieces) == r.text
     assert r.finish_reason == "stop"  # z (26) is followed by EOS (0)
-    assert r.stats["completion_tokens"] == 3 and r.stats["prompt_tokens"] == 3
+    assert r.stats.completion_tokens == 3 and r.stats.prompt_tokens == 3
 
 
 def test_max_tokens():
@@ -98,7 +99,7 @@ def test_prefix_is_reused_from_the_cache():
     before = b.forwarded
     r = generate(b, b.tokenize("abcdefg"), GREEDY, max_tokens=1)
     # abc + d were cached (d was forwarded after being sampled); only efg are new.
-    assert r.stats["cached_prompt_tokens"] == 4
+    assert r.stats.cached_prompt_tokens == 4
     assert b.forwarded - before == 3
 
 
@@ -106,7 +107,7 @@ def test_identical_prompt_still_evaluates_one_token():
     b = ScriptedBackend()
     generate(b, b.tokenize("abc"), GREEDY, max_tokens=1)
     r = generate(b, b.tokenize("abc"), GREEDY, max_tokens=1)
-    assert r.stats["cached_prompt_tokens"] == 2 and r.text == "d"
+    assert r.stats.cached_prompt_tokens == 2 and r.text == "d"
 
 
 def test_stop_string_cuts_the_text_and_is_not_emitted():
@@ -140,7 +141,7 @@ def test_prompt_that_does_not_fit_is_an_error():
 def test_context_full_is_reported_not_hidden():
     b = ScriptedBackend(n_ctx=8, vocab=1000)
     r = generate(b, [1, 2, 3], GREEDY, max_tokens=100)
-    assert r.finish_reason == "length" and r.stats["context_full"] is True
+    assert r.finish_reason == "length" and r.stats.context_full is True
     assert len(b.cached_tokens) == 8
 
 
@@ -155,13 +156,13 @@ def test_cancel_is_seen_between_steps():
             ev.set()
 
     r = generate(b, [1], GREEDY, max_tokens=500, on_text=on_text, cancel=ev)
-    assert r.finish_reason == "cancelled" and r.stats["completion_tokens"] == 3
+    assert r.finish_reason == "cancelled" and r.stats.completion_tokens == 3
 
 
 def test_ignore_eos():
     b = ScriptedBackend()
     r = generate(b, b.tokenize("y"), GREEDY, max_tokens=3, ignore_eos=True)
-    assert r.stats["completion_tokens"] == 3 and r.finish_reason == "length"
+    assert r.stats.completion_tokens == 3 and r.finish_reason == "length"
 
 
 def test_stop_matcher_holds_back_only_possible_prefixes():
@@ -175,3 +176,36 @@ def test_stop_matcher_holds_back_only_possible_prefixes():
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([], [1]) == 0
+
+
+# The wire format of a reply's stats (docs/protocol.md): these keys, in this order.
+STATS_KEYS = ["backend", "model", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "ttft_ms",
+              "prefill_ms", "queue_ms", "tokens_per_second", "total_ms", "context_length", "context_used",
+              "context_full", "finish_reason", "drafter", "drafted", "accepted", "acceptance_rate"]
+
+
+def test_stats_are_a_dataclass_with_the_wire_format_as_dict():
+    b = ScriptedBackend()
+    r = generate(b, b.tokenize("abc"), GREEDY, max_tokens=5)
+    d = r.stats.as_dict()
+    assert list(d) == STATS_KEYS
+    assert d["model"] == "s" and d["backend"] == "scripted" and d["completion_tokens"] == 5
+    assert (d["drafter"], d["drafted"], d["accepted"], d["acceptance_rate"]) == ("off", 0, 0, None)
+    assert d["context_used"] == len(b.cached_tokens) == 3 + 4 and d["finish_reason"] == "length"
+    assert generate(b, b.tokenize("abc"), GREEDY, max_tokens=2, label="my-alias").stats.model == "my-alias"
+    # the daemon adds what only it knows; tool_calls appears only when set
+    more = dataclasses.replace(r.stats, completion_tokens=12, tool_calls=2).as_dict()
+    assert list(more) == STATS_KEYS + ["tool_calls"] and more["completion_tokens"] == 12 and more["tool_calls"] == 2
+    assert d["tokens_per_second"] == more["tokens_per_second"]
+
+
+def test_plain_decoding_is_a_generator_that_appends_what_was_taken():
+    b = ScriptedBackend()
+    prompt = b.tokenize("abc")
+    logits = b.forward(prompt)[-1]
+    history = list(prompt)
+    tokens = plain_tokens(b, logits, Sampler(GREEDY), history)
+    assert [next(tokens) for _ in range(3)] == [4, 5, 6]
+    tokens.close()
+    # 4 and 5 were taken (the caller asked for more after them) and evaluated; 6 was not
+    assert history == prompt + [4, 5] and b.cached_tokens == prompt + [4, 5]

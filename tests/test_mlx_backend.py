@@ -187,13 +187,14 @@ PROMPT = [{"role": "user", "content": "Tell me the capital of France."}]
 
 @needs_mlx
 def test_available_here_and_registered():
-    from backends import backend_names, get_backend_class
+    from backends import BackendRegistry
     from backends.mlx_backend import MLXBackend
 
     ok, why = MLXBackend.availability()
     assert ok, why
     assert "mlx" in why and "CPU" in why
-    assert "mlx" in backend_names() and get_backend_class("mlx") is MLXBackend
+    registry = BackendRegistry.builtin()
+    assert "mlx" in registry.names() and registry.get("mlx") is MLXBackend
 
 
 def test_module_imports_without_importing_mlx():
@@ -231,8 +232,10 @@ def test_missing_mlx_names_the_extra(monkeypatch):
     mac = hardware.Machine(os="darwin", arch="arm64", platform_tag="darwin-arm64", hostname="mac", cpu_model="M2",
                            physical_cores=8, logical_cores=8, ram_total_bytes=16 << 30, ram_available_bytes=8 << 30,
                            apple_silicon=True, chip="Apple M2", gpu=["metal"], unified_memory=True)
-    name, reason = hardware.choose_backend(mac, "auto", hardware.backend_availability())
-    assert name == "llama.cpp" and "local-assistant[mlx]" in reason
+    from assistant.machine.choice import choose_backend
+
+    choice = choose_backend("auto", mac, hardware.backend_availability())
+    assert choice.name == "llama.cpp" and "local-assistant[mlx]" in choice.reason
 
 
 # --------------------------------------------------------------------------
@@ -392,6 +395,27 @@ def test_gemma_sentencepiece_tokenizer_matches_llama_cpp():
     _tokenizer_parity(resolve_model("gemma3-270m").path)
 
 
+@needs_mlx
+def test_context_is_sized_from_the_machine_figures_given(tiny_folder):
+    """The daemon hands the backend its machine as plain figures (LoadOptions.machine)."""
+    from backends.base import MachineFigures
+    from backends.mlx_backend import MLXBackend
+
+    size = sum(f.stat().st_size for f in tiny_folder.iterdir() if f.is_file())
+    reasons = {}
+    for label, available in (("roomy", 64 << 30), ("full", size), ("unknown", None)):
+        b = MLXBackend()
+        figures = MachineFigures(physical_cores=1, logical_cores=1, ram_total_bytes=None,
+                                 ram_available_bytes=available)
+        try:
+            reasons[label] = b.load(str(tiny_folder), LoadOptions(machine=figures)).choices["context"]
+        finally:
+            b.unload()
+    assert reasons["roomy"].startswith("512: ") and "fits in memory" in reasons["roomy"]
+    assert "(the minimum)" in reasons["full"] and "leaves no room" in reasons["full"]
+    assert reasons["unknown"] == "512: the model's training context 512"  # no RAM figure: no memory check
+
+
 # --------------------------------------------------------------------------
 # an MLX model folder: loading, forward, truncate, template
 
@@ -516,7 +540,7 @@ def test_shared_generation_loop_runs_on_mlx(tmp_path, quantize):
     one = generate(b, prompt, greedy, max_tokens=8, ignore_eos=True)
     two = generate(b, prompt, greedy, max_tokens=8, ignore_eos=True)
     assert one.tokens == two.tokens and len(one.tokens) == 8 and one.finish_reason == "length"
-    assert two.stats["cached_prompt_tokens"] == len(prompt) - 1  # the prefix was reused
+    assert two.stats.cached_prompt_tokens == len(prompt) - 1  # the prefix was reused
     assert one.tokens == _greedy_tokens(b, prompt, 8)  # the loop's greedy = argmax by hand
     b.unload()
 
@@ -537,8 +561,8 @@ def test_smollm2_gguf_loads_and_answers(mlx_smol, smol_path):
     prompt = mlx_smol.tokenize(mlx_smol.apply_chat_template(PROMPT))
     result = generate(mlx_smol, prompt, SamplingParams(temperature=0.0), max_tokens=10)
     assert result.text.startswith("The capital of France is Paris"), result.text
-    print(f"\nMLX SmolLM2 Q4_1: {result.stats['tokens_per_second']} tokens/s, "
-          f"time to first token {result.stats['ttft_ms']} ms")
+    print(f"\nMLX SmolLM2 Q4_1: {result.stats.tokens_per_second} tokens/s, "
+          f"time to first token {result.stats.ttft_ms} ms")
 
 
 @needs_mlx
@@ -577,7 +601,7 @@ def test_shared_generation_loop_gives_the_same_text_through_both(mlx_smol, llama
         results[b.name] = generate(b, prompt, greedy, max_tokens=16)
     assert results["mlx"].text == results["llama.cpp"].text
     assert results["mlx"].finish_reason == results["llama.cpp"].finish_reason == "stop"
-    assert results["mlx"].stats["backend"] == "mlx"
+    assert results["mlx"].stats.backend == "mlx"
 
 
 # --------------------------------------------------------------------------
@@ -608,7 +632,7 @@ def test_speculative_greedy_output_is_identical_on_mlx(tmp_path, exact):
     engine = spec.SpeculativeEngine(spec.NgramDrafter(), max_draft=4, exact=exact, adaptive=exact)
     fast = generate(b, prompt, greedy, max_tokens=24, ignore_eos=True, speculative=engine)
     assert fast.tokens == plain.tokens and fast.text == plain.text
-    assert fast.stats["drafted"] > 0, fast.stats  # measured: 9-11 drafted, all accepted
+    assert fast.stats.drafted > 0, fast.stats  # measured: 9-11 drafted, all accepted
     assert b.cached_tokens == prompt + fast.tokens[:-1]
 
     class HalfRightDrafter:
@@ -635,6 +659,6 @@ def test_speculative_greedy_output_is_identical_on_mlx(tmp_path, exact):
     engine = spec.SpeculativeEngine(HalfRightDrafter(), max_draft=3, exact=False, adaptive=False)
     mixed = generate(b, prompt, greedy, max_tokens=24, ignore_eos=True, speculative=engine)
     assert mixed.tokens == plain.tokens
-    assert mixed.stats["drafted"] > mixed.stats["accepted"] > 0, mixed.stats
+    assert mixed.stats.drafted > mixed.stats.accepted > 0, mixed.stats
     assert b.cached_tokens == prompt + mixed.tokens[:-1]  # rejected drafts were truncated away
     b.unload()

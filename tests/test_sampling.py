@@ -47,3 +47,15 @@ def test_sample_frequencies_follow_the_distribution():
     s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0))
     counts = np.bincount([s.sample(np.log(probs)) for _ in range(20000)], minlength=3) / 20000
     assert counts == pytest.approx(probs, abs=0.015)
+
+
+def test_banned_tokens_are_never_sampled_and_the_row_is_left_alone():
+    logits = np.array([5.0, 4.0, 3.0, -1.0], dtype=np.float32)
+    greedy = Sampler(SamplingParams(temperature=0), banned=[0])
+    assert greedy.sample(logits) == 1 and logits[0] == 5.0  # masked in a copy
+    assert not greedy.is_argmax and Sampler(SamplingParams(temperature=0)).is_argmax
+    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.5), banned=[0, 1]).sample(logits, history=[2]) == 2
+    hot = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1), banned=[0, 2])
+    cand, probs = hot.distribution(logits)
+    assert {int(c) for c, p in zip(cand, probs) if p > 0} == {1, 3} and probs.sum() == pytest.approx(1.0)
+    assert {hot.sample(logits) for _ in range(200)} <= {1, 3}

@@ -1,4 +1,4 @@
-"""Speculative decoding (assistant/speculative.py).
+"""Speculative decoding (assistant/inference/speculative/).
 
 Scripted backends test the engine's logic (identity, the rejection rule's
 statistics, adaptive switch-off, errors); the real SmolLM2-135M and Gemma 3
@@ -41,13 +41,17 @@ import math
 import re
 import threading
 import time
+import weakref
 from collections import Counter
 
 import numpy as np
 import pytest
 
+from assistant import core_plugin
 from assistant.inference import speculative as S
 from assistant.inference.generation import generate
+from assistant.inference.speculative import calibration
+from assistant.inference.speculative.ngram import match_class
 from assistant.inference.sampling import Sampler, SamplingParams
 from backends.base import Backend, ModelInfo
 
@@ -142,6 +146,16 @@ class FixedDrafter:
         pass
 
 
+def drafter_registry():
+    """A registry filled as the daemon fills its own: through the core plugin's hook."""
+    reg = S.DrafterRegistry()
+    core_plugin.register_drafters(reg.register)
+    return reg
+
+
+DRAFTERS = drafter_registry()
+
+
 def cycle_backend(vocab=12, **kw):
     """Greedy: token t is followed by t + 1 (mod vocab), 0 is EOS-free."""
     table = np.full((vocab, vocab), -5.0, dtype=np.float32)
@@ -154,15 +168,15 @@ def cycle_backend(vocab=12, **kw):
 
 
 def test_registry_and_names():
-    assert {"ngram", "draft", "mtp"} <= set(S.DRAFTERS)
-    assert S.drafter_names()[0] == "auto" and S.drafter_names()[-1] == "off"
+    assert {"ngram", "draft", "mtp"} <= set(DRAFTERS.names())
+    assert DRAFTERS.names()[0] == "auto" and DRAFTERS.names()[-1] == "off"
     with pytest.raises(S.DrafterError, match="unknown drafter 'nope'; known: auto, draft, mtp, ngram, off"):
-        S.check_name("nope")
+        DRAFTERS.check("nope")
     for bad in (0, 65, -1, True, "8", 2.5):
         with pytest.raises(S.DrafterError, match="max_draft must be an integer from 1 to 64"):
             S.check_max_draft(bad)
     with pytest.raises(S.DrafterError, match="reserved"):
-        S.register_drafter("auto", lambda ctx: None)
+        DRAFTERS.register("auto", lambda ctx: None)
     with pytest.raises(S.DrafterError, match="larger than"):
         S.check_ngram(5, 3)
 
@@ -174,29 +188,54 @@ def test_a_registered_drafter_is_used_by_name():
         made.append(ctx)
         return FixedDrafter(lambda toks, k: ([(toks[-1] + 1 + i) % 12 for i in range(k)], None))
 
-    S.register_drafter("test-plugin-fixed", factory)
-    try:
-        b = cycle_backend()
-        d = S.make_drafter("test-plugin-fixed", S.DraftContext(target=b, max_draft=4))
-        r = generate(b, [1, 2, 3], GREEDY, max_tokens=20, speculative=S.SpeculativeEngine(d, max_draft=4))
-        assert made and made[0].max_draft == 4
-        assert r.tokens == [(4 + i) % 12 for i in range(20)]
-        assert r.stats["drafter"] == "fixed" and r.stats["accepted"] > 0
-    finally:
-        S.DRAFTERS.pop("test-plugin-fixed", None)
+    reg = drafter_registry()
+    reg.register("test-plugin-fixed", factory)
+    b = cycle_backend()
+    d = reg.make("test-plugin-fixed", S.DraftContext(target=b, max_draft=4))
+    r = generate(b, [1, 2, 3], GREEDY, max_tokens=20, speculative=S.SpeculativeEngine(d, max_draft=4))
+    assert made and made[0].max_draft == 4
+    assert r.tokens == [(4 + i) % 12 for i in range(20)]
+    assert r.stats.drafter == "fixed" and r.stats.accepted > 0
+
+
+def test_registries_are_separate_objects():
+    """No module-global registry: what one daemon (or test) registers, another does not see."""
+    a, b = drafter_registry(), drafter_registry()
+    a.register("only-in-a", lambda ctx: S.NgramDrafter())
+    assert "only-in-a" in a.names() and "only-in-a" not in b.names()
+    assert b.names() == ["auto", "draft", "mtp", "ngram", "off"]
+    with pytest.raises(S.DrafterError, match="unknown drafter 'only-in-a'; known: auto, draft, mtp, ngram, off"):
+        b.check("only-in-a")
+    assert S.DrafterRegistry().names() == ["auto", "off"]  # empty until filled
+    assert S.DrafterRegistry(S.BUILTIN_DRAFTERS).names() == b.names()
+    with pytest.raises(S.DrafterError, match="factory is not callable"):
+        a.register("x", 3)
+
+
+def test_draft_and_auto_use_the_draft_model_the_caller_loaded():
+    target, draft = cycle_backend(vocab=12), cycle_backend(vocab=12)
+    ctx = S.DraftContext(target=target, draft=draft, draft_name="small")
+    d = DRAFTERS.make("draft", ctx)
+    assert isinstance(d, S.ModelDrafter) and d.model is draft
+    auto = DRAFTERS.make("auto", ctx)
+    assert auto.name == "auto(ngram+draft)" and auto.model.model is draft
+    r = generate(target, [1, 2, 3], GREEDY, max_tokens=30,
+                 speculative=S.SpeculativeEngine(d, adaptive=False, max_draft=4))
+    assert r.tokens == [(4 + i) % 12 for i in range(30)]
+    assert r.stats.drafter == "draft" and r.stats.accepted > 0 and draft.calls
 
 
 def test_bad_settings_are_refused_before_generation():
     b = cycle_backend()
     with pytest.raises(S.DrafterError, match="unknown drafter"):
-        S.make_drafter("bogus", S.DraftContext(target=b))
+        DRAFTERS.make("bogus", S.DraftContext(target=b))
     with pytest.raises(S.DrafterError, match="max_draft"):
-        S.make_drafter("ngram", S.DraftContext(target=b, max_draft=100))
+        DRAFTERS.make("ngram", S.DraftContext(target=b, max_draft=100))
     with pytest.raises(S.DrafterError, match="needs a draft model"):
-        S.make_drafter("draft", S.DraftContext(target=b))
-    assert S.make_drafter("off", S.DraftContext(target=b)) is None
+        DRAFTERS.make("draft", S.DraftContext(target=b))
+    assert DRAFTERS.make("off", S.DraftContext(target=b)) is None
     # auto without a draft model is prompt lookup alone
-    assert S.make_drafter("auto", S.DraftContext(target=b)).name == "auto(ngram)"
+    assert DRAFTERS.make("auto", S.DraftContext(target=b)).name == "auto(ngram)"
 
 
 def test_mismatched_draft_model_is_refused_naming_what_differs():
@@ -215,9 +254,9 @@ def test_mismatched_draft_model_is_refused_naming_what_differs():
         S.check_draft_pair(target, Renamed(target.table))
     S.check_draft_pair(target, cycle_backend(vocab=12))  # a matching pair passes
 
-    ctx = S.DraftContext(target=target, draft_model="other", load_model=lambda name: cycle_backend(vocab=10))
+    ctx = S.DraftContext(target=target, draft=cycle_backend(vocab=10), draft_name="other")
     with pytest.raises(S.DraftModelError, match="draft model 'other' cannot draft for"):
-        S.make_drafter("draft", ctx)
+        DRAFTERS.make("draft", ctx)
 
 
 # -- prompt lookup ----------------------------------------------------------------
@@ -238,7 +277,7 @@ def test_ngram_lookup_prefers_the_longest_and_latest_match():
     seq = list(range(40)) + list(range(30))
     d2.begin(seq)
     e, length = d2.lookup(seq)
-    assert seq[e] == 30 and length == 30 and S._match_class(length) == "ngram:16+"
+    assert seq[e] == 30 and length == 30 and match_class(length) == "ngram:16+"
 
 
 def test_greedy_identity_on_a_copying_backend_and_fewer_forward_calls():
@@ -250,13 +289,13 @@ def test_greedy_identity_on_a_copying_backend_and_fewer_forward_calls():
     assert (cm.exact_batch, cm.calibrated_to) == (17, 17) and b.cached_tokens == []
     b.calls.clear()
     spec = generate(b, prompt, GREEDY, max_tokens=120,
-                    speculative=S.SpeculativeEngine(S.NgramDrafter(), adaptive=False, max_draft=16))
+                    speculative=S.SpeculativeEngine(S.NgramDrafter(), adaptive=False, max_draft=16, costs=cm))
     assert spec.tokens == plain.tokens and spec.text == plain.text
-    assert spec.stats["drafted"] > 0 and spec.stats["acceptance_rate"] == 1.0
+    assert spec.stats.drafted > 0 and spec.stats.acceptance_rate == 1.0
     assert len(b.calls) <= 1 + 120 // 17 + 2, b.calls  # prefill, then 17 tokens per verify step
     for key in ("drafter", "drafted", "accepted", "acceptance_rate", "tokens_per_second", "ttft_ms"):
-        assert key in spec.stats and key in plain.stats
-    assert plain.stats["drafter"] == "off" and spec.stats["drafter"] == "ngram"
+        assert key in spec.stats.as_dict() and key in plain.stats.as_dict()
+    assert plain.stats.drafter == "off" and spec.stats.drafter == "ngram"
 
 
 def test_stops_eos_max_tokens_and_context_end_match_plain():
@@ -274,7 +313,49 @@ def test_stops_eos_max_tokens_and_context_end_match_plain():
     b2 = cycle_backend(vocab=12, n_ctx=40)
     a = generate(b2, prompt, GREEDY, max_tokens=100)
     c = generate(b2, prompt, GREEDY, max_tokens=100, speculative=S.SpeculativeEngine(S.NgramDrafter(), adaptive=False))
-    assert a.stats["context_full"] and c.stats["context_full"] and c.tokens == a.tokens
+    assert a.stats.context_full and c.stats.context_full and c.tokens == a.tokens
+
+
+def test_the_engine_yields_tokens_and_closing_it_keeps_the_cache_to_what_was_taken():
+    b = cycle_backend(vocab=50)
+    prompt = list(range(50)) + list(range(10))
+    logits = b.forward(prompt)[-1]
+    history = list(prompt)
+    eng = S.SpeculativeEngine(S.NgramDrafter(), adaptive=False, max_draft=16, exact=False)
+    tokens = eng.decode(b, logits, Sampler(GREEDY), history, max_tokens=100)
+    taken = [next(tokens) for _ in range(5)]
+    assert taken == [10, 11, 12, 13, 14]
+    assert len(b.cached_tokens) == len(prompt) + 17  # one verify batch: the token and 16 drafts
+    tokens.close()
+    # a token is taken when the next one is asked for: 14 was not
+    assert history == prompt + taken[:4] and b.cached_tokens == history
+    assert (eng.drafted, eng.accepted, eng.verify.verify_steps) == (16, 16, 1)
+
+
+def test_drafts_never_go_past_what_the_caller_may_still_take():
+    b = cycle_backend(vocab=50)
+    prompt = list(range(50)) + list(range(10))
+    for max_tokens in (1, 2, 5, 12):
+        b.truncate(0)
+        b.calls.clear()
+        eng = S.SpeculativeEngine(S.NgramDrafter(), adaptive=False, max_draft=16, exact=False)
+        r = generate(b, prompt, GREEDY, max_tokens=max_tokens, speculative=eng)
+        assert r.tokens == [10 + i for i in range(max_tokens)]
+        assert sum(b.calls[1:]) == max_tokens - 1, b.calls  # after prefill: only tokens the reply took
+
+
+def test_a_stop_inside_accepted_drafts_leaves_the_cache_where_plain_decoding_does():
+    b = cycle_backend(vocab=50)
+    prompt = list(range(50)) + list(range(10))
+    plain = generate(b, prompt, GREEDY, max_tokens=60, stop=["2526"])
+    plain_cache = b.cached_tokens
+    b.truncate(0)
+    spec = generate(b, prompt, GREEDY, max_tokens=60, stop=["2526"],
+                    speculative=S.SpeculativeEngine(S.NgramDrafter(), adaptive=False, max_draft=16, exact=False))
+    assert (spec.text, spec.finish_reason) == (plain.text, plain.finish_reason)
+    assert plain.text == "101112131415161718192021222324" and plain.finish_reason == "stop"
+    assert spec.stats.accepted == 16  # the stop string ends inside one verify step's accepted drafts
+    assert b.cached_tokens == plain_cache and spec.stats.context_used == plain.stats.context_used
 
 
 def test_cancel_stops_within_one_step():
@@ -404,7 +485,7 @@ def test_rejection_sampling_keeps_the_target_distribution(params, drafter):
 
 def test_the_statistical_test_catches_a_wrong_rule(monkeypatch):
     """Control: accepting every drafted token (no rejection) is detected."""
-    def accept_all(rows, d, q, sampler, history, eog):
+    def accept_all(rows, d, q, sampler, history):
         cand, p = sampler.distribution(rows[len(d)])
         return len(d), int(cand[sampler.choice(p)])
 
@@ -470,11 +551,11 @@ def test_drafting_switches_off_when_it_does_not_pay_and_probes_again():
     eng = S.SpeculativeEngine(wrong, max_draft=8)
     r = generate(b, list(range(40)), GREEDY, max_tokens=400, speculative=eng)
     assert r.tokens == [(i % 40) for i in range(40, 440)]  # still the right text
-    sp = r.stats["speculative"]
-    assert r.stats["accepted"] == 0
-    assert 1 <= sp["verify_steps"] <= 15, sp  # it tried, then stopped
-    assert sp["probes"] >= 2, sp  # and tried again now and then (after 32, 64, 128... tokens)
-    assert wrong.proposed == sp["verify_steps"]
+    sp = r.stats.speculative
+    assert r.stats.accepted == 0
+    assert 1 <= sp.verify_steps <= 15, sp  # it tried, then stopped
+    assert sp.probes >= 2, sp  # and tried again now and then (after 32, 64, 128... tokens)
+    assert wrong.proposed == sp.verify_steps
 
 
 def test_a_switched_off_class_comes_back_when_the_text_turns_to_copying():
@@ -491,8 +572,8 @@ def test_a_switched_off_class_comes_back_when_the_text_turns_to_copying():
     eng = S.SpeculativeEngine(FixedDrafter(guess, cls="ngram:16+", k=8), max_draft=8)
     r = generate(b, list(range(40)), GREEDY, max_tokens=500, speculative=eng)
     assert r.tokens == [(i % 40) for i in range(40, 540)]
-    assert r.stats["speculative"]["probes"] >= 1
-    assert r.stats["accepted"] > 150  # most of the copying part came from drafts
+    assert r.stats.speculative.probes >= 1
+    assert r.stats.accepted > 150  # most of the copying part came from drafts
 
 
 def test_a_draft_model_as_heavy_as_the_target_is_never_run(tmp_path):
@@ -516,16 +597,17 @@ def test_a_draft_model_as_heavy_as_the_target_is_never_run(tmp_path):
         target.truncate(0)
         r = generate(target, list(range(40)), GREEDY, max_tokens=60, speculative=eng)
         assert r.tokens == [(i % 40) for i in range(40, 100)]
-        assert (r.stats["drafted"] > 0) is expect_drafts, (tag, r.stats)
+        assert (r.stats.drafted > 0) is expect_drafts, (tag, r.stats)
         assert (draft.calls != []) is expect_drafts  # the heavy one never even evaluated the prompt
 
 
 def test_calibration_is_kept_on_disk_and_a_bad_file_is_measured_again(tmp_path, monkeypatch):
-    """What calibrate() measured is stored in the user cache dir, keyed by the
+    """What calibrate() measured is stored in the store's file, keyed by the
     model file, backend version and load choices: the next load of the same
     model finds it without a single forward; another file is measured; a
     corrupt store is measured over and rewritten."""
-    monkeypatch.setitem(S._BACKEND_DISTS, "table", "numpy")  # give the fake a "library version"
+    monkeypatch.setitem(calibration.BACKEND_DISTS, "table", "numpy")  # give the fake a "library version"
+    store = S.CalibrationStore(tmp_path / "cache" / S.CALIBRATION_FILE, machine_key="test-machine")
     weights = tmp_path / "m.gguf"
     weights.write_bytes(b"weights")
 
@@ -535,25 +617,36 @@ def test_calibration_is_kept_on_disk_and_a_bad_file_is_measured_again(tmp_path, 
         return b
 
     first = fresh()
-    cm = S.calibrate(first, list(range(40)), 9)
+    cm = S.calibrate(first, list(range(40)), 9, store=store)
     assert cm.exact_batch == 9 and first.calls  # measured (the table backend is exact at every size)
-    store = S._calibration_file()
-    assert store.is_file()
+    assert store.path.is_file()
 
     again = fresh()
-    cm2 = S.calibrate(again, list(range(40)), 9)
+    cm2 = S.calibrate(again, list(range(40)), 9, store=store)
     assert again.calls == [] and cm2.exact_batch == 9 and set(cm2.ratios) == set(cm.ratios)
 
     other = tmp_path / "other.gguf"
     other.write_bytes(b"other weights")
     b3 = fresh(other)
-    S.calibrate(b3, list(range(40)), 9)
+    S.calibrate(b3, list(range(40)), 9, store=store)
     assert b3.calls  # not the same model: measured
 
-    store.write_text("{not json")
+    elsewhere = S.CalibrationStore(store.path, machine_key="another-machine")
+    b5 = fresh()
+    S.calibrate(b5, list(range(40)), 9, store=elsewhere)
+    assert b5.calls  # another machine: measured
+
+    store.path.write_text("{not json")
     b4 = fresh()
-    assert S.calibrate(b4, list(range(40)), 9).exact_batch == 9 and b4.calls
-    assert S._load_calibration(fresh(), S.CostModel(), 9)  # and the store was rewritten
+    assert S.calibrate(b4, list(range(40)), 9, store=store).exact_batch == 9 and b4.calls
+    assert store.load(fresh(), S.CostModel(), 9)  # and the store was rewritten
+
+
+def test_the_daemons_store_keys_the_machine_as_earlier_versions_did(tmp_path):
+    """Platform tag and CPU model joined by a NUL: the entries calibrations
+    saved before the store was an object stay valid."""
+    store = S.CalibrationStore.in_cache(tmp_path, platform_tag="linux-x86_64", cpu_model=None)
+    assert store.path == tmp_path / "speculative-calibration.json" and store.machine_key == "linux-x86_64\0None"
 
 
 def test_realised_slowdown_pauses_the_request():
@@ -603,6 +696,15 @@ def gemma(shared_cache_dir):
     b = _real_backend("gemma3-270m", shared_cache_dir)
     yield b
     b.unload()
+
+
+_COSTS: "weakref.WeakKeyDictionary[Backend, S.CostModel]" = weakref.WeakKeyDictionary()
+
+
+def _engine(backend, drafter, **kw):
+    """An engine as the daemon builds one: with the loaded model's cost model,
+    kept across requests (so one calibration per loaded model)."""
+    return S.SpeculativeEngine(drafter, costs=_COSTS.setdefault(backend, S.CostModel()), **kw)
 
 
 def _chat(backend, name):
@@ -664,19 +766,19 @@ def test_greedy_identity_smollm2(smol, prompt_name, max_tokens):
     identity is the verification's doing, not the controller's caution), and
     auto as the daemon runs it."""
     prompt = _chat(smol, prompt_name)
-    eager = S.SpeculativeEngine(S.NgramDrafter(), adaptive=False, max_draft=32)
-    _, (spec, _auto) = _identical(smol, prompt, [eager, S.SpeculativeEngine(S.AutoDrafter(S.NgramDrafter(), None))],
+    eager = _engine(smol, S.NgramDrafter(), adaptive=False, max_draft=32)
+    _, (spec, _auto) = _identical(smol, prompt, [eager, _engine(smol, S.AutoDrafter(S.NgramDrafter(), None))],
                                   max_tokens)
-    assert spec.stats["drafted"] > spec.stats["accepted"] > 0, spec.stats  # some drafts were wrong, too
+    assert spec.stats.drafted > spec.stats.accepted > 0, spec.stats  # some drafts were wrong, too
     # How much the drafter found of what could be found: the tokens that a
     # fresh lookup before each one would have predicted right. What the model
     # writes varies with the machine's llama.cpp build (a CI build once wrote
     # a loop where this one copies), so the bar is relative to the reply.
     findable = _lookup_hits(prompt, spec.tokens)
-    print(f"{prompt_name}: {spec.stats['accepted']} accepted, {findable} findable of {len(spec.tokens)}")
+    print(f"{prompt_name}: {spec.stats.accepted} accepted, {findable} findable of {len(spec.tokens)}")
     if bench_spec.PROMPTS[prompt_name][0] == "copy":
         assert findable > 0.25 * len(spec.tokens), findable  # the prompt is one to copy from
-        assert spec.stats["accepted"] >= 0.7 * findable, (findable, spec.stats)
+        assert spec.stats.accepted >= 0.7 * findable, (findable, spec.stats)
 
 
 def _lookup_hits(prompt, reply):
@@ -698,9 +800,9 @@ def test_greedy_identity_gemma3(gemma):
     copy = gemma.tokenize(bench_spec.ARTICLE + "\n\nThe same text again, word for word:\n\n")
     story = gemma.tokenize("Once upon a time, in a small village by the sea,")
     for prompt, n in ((copy, 120), (story, 80)):
-        _, (spec,) = _identical(gemma, prompt, [S.SpeculativeEngine(S.NgramDrafter(), adaptive=False)], n)
-        assert spec.stats["drafted"] > 0
-    cm = S.cost_model(gemma)
+        _, (spec,) = _identical(gemma, prompt, [_engine(gemma, S.NgramDrafter(), adaptive=False)], n)
+        assert spec.stats.drafted > 0
+    cm = _COSTS[gemma]
     assert cm.exact_batch is not None and cm.exact_batch < cm.calibrated_to  # the limit was found, not assumed
 
 
@@ -718,13 +820,13 @@ def test_draft_model_pair_keeps_greedy_identity(smol, shared_cache_dir):
         S.check_draft_pair(target, draft)
         for name in ("text-fix", "open-chat"):
             prompt = _chat(target, name)
-            _, (spec,) = _identical(target, prompt, [S.SpeculativeEngine(S.ModelDrafter(draft), adaptive=False,
-                                                                         max_draft=6)], 100)
-            assert spec.stats["drafter"] == "draft" and spec.stats["drafted"] > 0
-            assert spec.stats["acceptance_rate"] > 0.5, spec.stats  # the same weights, quantized twice
+            _, (spec,) = _identical(target, prompt, [_engine(target, S.ModelDrafter(draft), adaptive=False,
+                                                             max_draft=6)], 100)
+            assert spec.stats.drafter == "draft" and spec.stats.drafted > 0
+            assert spec.stats.acceptance_rate > 0.5, spec.stats  # the same weights, quantized twice
         _, (spec,) = _identical(target, _chat(target, "text-fix"),
-                                [S.SpeculativeEngine(S.AutoDrafter(S.NgramDrafter(), S.ModelDrafter(draft)))], 100)
-        assert spec.stats["drafter"] == "auto(ngram+draft)"
+                                [_engine(target, S.AutoDrafter(S.NgramDrafter(), S.ModelDrafter(draft)))], 100)
+        assert spec.stats.drafter == "auto(ngram+draft)"
     finally:
         target.unload()
         draft.unload()
@@ -776,13 +878,13 @@ def test_mtp_drafts_and_greedy_output_is_plain_decodings(tiny_mtp):
     assert ok, why
     assert "NextN" in tiny_mtp.info.choices["mtp"]
     for prompt in MTP_PROMPTS:
-        eager = S.SpeculativeEngine(S.MtpDrafter(tiny_mtp), adaptive=False, max_draft=4)
-        auto = S.make_drafter("auto", S.DraftContext(target=tiny_mtp))
+        eager = _engine(tiny_mtp, S.MtpDrafter(tiny_mtp), adaptive=False, max_draft=4)
+        auto = DRAFTERS.make("auto", S.DraftContext(target=tiny_mtp))
         assert auto.name == "auto(ngram+mtp)"  # no draft model configured: auto drafts with the MTP layers
-        _, (spec, _) = _identical(tiny_mtp, prompt, [eager, S.SpeculativeEngine(auto)], 48)
-        assert spec.stats["drafter"] == "mtp"
-        assert spec.stats["drafted"] > 0, spec.stats  # the drafts were made and verified
-        assert spec.stats["speculative"]["exact_batch"] >= 2, spec.stats
+        _, (spec, _) = _identical(tiny_mtp, prompt, [eager, _engine(tiny_mtp, auto)], 48)
+        assert spec.stats.drafter == "mtp"
+        assert spec.stats.drafted > 0, spec.stats  # the drafts were made and verified
+        assert spec.stats.speculative.exact_batch >= 2, spec.stats
 
 
 def test_mtp_seeded_sampling_is_plain_sampling(tiny_mtp):
@@ -793,10 +895,10 @@ def test_mtp_seeded_sampling_is_plain_sampling(tiny_mtp):
     tiny_mtp.truncate(0)
     plain = generate(tiny_mtp, prompt, params, max_tokens=40)
     tiny_mtp.truncate(0)
-    engine = S.SpeculativeEngine(S.make_drafter("mtp", S.DraftContext(target=tiny_mtp)), adaptive=False, max_draft=3)
+    engine = _engine(tiny_mtp, DRAFTERS.make("mtp", S.DraftContext(target=tiny_mtp)), adaptive=False, max_draft=3)
     spec = generate(tiny_mtp, prompt, params, max_tokens=40, speculative=engine)
     assert spec.tokens == plain.tokens
-    assert spec.stats["drafted"] > 0
+    assert spec.stats.drafted > 0
 
 
 def test_mtp_cache_follows_truncation(tiny_mtp):
@@ -821,12 +923,12 @@ def test_mtp_is_refused_for_a_model_without_nextn_layers(tmp_path):
     try:
         with pytest.raises(S.DrafterError, match=r"model 'tiny-plain' cannot use the 'mtp' drafter: the model has "
                                                  r"no multi-token-prediction \(NextN\) layers \(architecture glm4moe"):
-            S.make_drafter("mtp", S.DraftContext(target=b))
-        assert S.make_drafter("auto", S.DraftContext(target=b)).name == "auto(ngram)"
+            DRAFTERS.make("mtp", S.DraftContext(target=b))
+        assert DRAFTERS.make("auto", S.DraftContext(target=b)).name == "auto(ngram)"
     finally:
         b.unload()
     with pytest.raises(S.DrafterError, match=r"model 'table' cannot use the 'mtp' drafter: the table backend has no"):
-        S.make_drafter("mtp", S.DraftContext(target=cycle_backend()))
+        DRAFTERS.make("mtp", S.DraftContext(target=cycle_backend()))
 
 
 def test_mtp_layers_are_not_set_up_when_the_model_loads_with_drafting_off(tmp_path):
@@ -843,7 +945,7 @@ def test_mtp_layers_are_not_set_up_when_the_model_loads_with_drafting_off(tmp_pa
     try:
         assert b._mtp is None
         with pytest.raises(S.DrafterError, match="its MTP layers were not loaded"):
-            S.make_drafter("mtp", S.DraftContext(target=b))
+            DRAFTERS.make("mtp", S.DraftContext(target=b))
     finally:
         b.unload()
 
@@ -853,8 +955,8 @@ def test_mtp_is_refused_for_smollm2(smol):
     with pytest.raises(S.DrafterError, match=re.escape(f"model {smol.info.name!r} cannot use the 'mtp' drafter: "
                                                        "the model has no multi-token-prediction (NextN) layers "
                                                        "(architecture llama")):
-        S.make_drafter("mtp", S.DraftContext(target=smol))
-    assert S.make_drafter("auto", S.DraftContext(target=smol)).name == "auto(ngram)"
+        DRAFTERS.make("mtp", S.DraftContext(target=smol))
+    assert DRAFTERS.make("auto", S.DraftContext(target=smol)).name == "auto(ngram)"
 
 
 # -- through the daemon and the CLI ------------------------------------------------------

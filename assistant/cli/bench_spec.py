@@ -173,8 +173,8 @@ def _ours(backend, prompt: list[int], engine, max_tokens: int) -> dict[str, Any]
     backend.truncate(0)
     r = generate(backend, prompt, SamplingParams(temperature=0), max_tokens=max_tokens, speculative=engine)
     s = r.stats
-    return {"tokens": r.tokens, "tps": s["tokens_per_second"] or 0.0, "drafted": s.get("drafted", 0),
-            "accepted": s.get("accepted", 0), "text": r.text}
+    return {"tokens": r.tokens, "tps": s.tokens_per_second or 0.0, "drafted": s.drafted, "accepted": s.accepted,
+            "text": r.text}
 
 
 class _Lookup:
@@ -207,26 +207,39 @@ class _Lookup:
         return {"tokens": toks[:count], "tps": tps, "drafted": None, "accepted": None, "text": None}
 
 
-def _engine(name: str, backend, args: argparse.Namespace, draft_backend=None):
-    """The engine the daemon would build for drafter ``name`` (None: plain)."""
+def _engine(name: str, backend, args: argparse.Namespace, costs, draft_backend=None):
+    """The engine the daemon would build for drafter ``name`` (None: plain),
+    with the loaded model's cost model ``costs``."""
     from assistant.inference import speculative as S
 
     if name == "plain":
         return None
     kw = {} if args.max_draft is None else {"max_draft": args.max_draft}
-    ctx = S.DraftContext(target=backend, draft_model="draft" if draft_backend is not None else None,
-                         load_model=lambda _name: draft_backend, **kw)
-    return S.SpeculativeEngine(S.make_drafter(name, ctx), **kw)
+    ctx = S.DraftContext(target=backend, draft=draft_backend,
+                         draft_name="draft" if draft_backend is not None else None, **kw)
+    return S.SpeculativeEngine(S.DrafterRegistry(S.BUILTIN_DRAFTERS).make(name, ctx), costs=costs, **kw)
+
+
+def _calibration_store():
+    """The calibration store the daemon uses (the user cache dir, keyed by this machine)."""
+    from assistant import paths
+    from assistant.inference import speculative as S
+    from assistant.machine.hardware import probe
+
+    machine = probe()
+    return S.CalibrationStore.in_cache(paths.cache_dir(), platform_tag=machine.platform_tag,
+                                       cpu_model=machine.cpu_model)
 
 
 def _section(title: str, backend, methods: list[str], prompts: list[str], args: argparse.Namespace,
              *, draft_backend=None, lookup: "_Lookup | None" = None, default_kv=None, log=print) -> dict[str, Any]:
     from assistant.inference import speculative as S
 
-    # Calibrate the exact verify batch and the costs before timing anything.
+    # Calibrate the exact verify batch and the costs before timing anything;
+    # every engine of the section then shares (and refines) these costs.
     probe = backend.tokenize(ARTICLE, add_bos=False)
     backend.truncate(0)
-    cm = S.calibrate(backend, probe, (args.max_draft or S.DEFAULT_MAX_DRAFT) + 1)
+    cm = S.calibrate(backend, probe, (args.max_draft or S.DEFAULT_MAX_DRAFT) + 1, store=_calibration_store())
     rows: list[dict[str, Any]] = []
     for pname in prompts:
         kind, text = PROMPTS[pname]
@@ -241,7 +254,7 @@ def _section(title: str, backend, methods: list[str], prompts: list[str], args: 
                     elif m == "plain-f16-kv":
                         res = _ours(default_kv, prompt, None, args.max_tokens)
                     else:
-                        res = _ours(backend, prompt, _engine(m, backend, args, draft_backend), args.max_tokens)
+                        res = _ours(backend, prompt, _engine(m, backend, args, cm, draft_backend), args.max_tokens)
                     res["foreign_cpu"] = _CPU.foreign(before, _CPU.sample())
                     res["retries"] = attempt
                     if res["foreign_cpu"] is None or res["foreign_cpu"] <= args.max_foreign:
@@ -336,18 +349,7 @@ def run(args: argparse.Namespace) -> int:
     del lookup
 
     if not args.no_draft_model:
-        log("draft-model pair: a Q8_0 target requantized from the file, the file itself as draft")
-        f16 = requantized(Path(spec.path), "Q8_0")
-        big = _load(f16, args)
-        small = _load(Path(spec.path), args, kv_type=None)
-        from assistant.inference.speculative import check_draft_pair
-
-        check_draft_pair(big, small)
-        sec = _section("draft-pair", big, ["plain", "draft", "auto"], prompts, args, draft_backend=small, log=log)
-        sec["target"], sec["draft"] = str(f16), str(spec.path)
-        report["sections"].append(sec)
-        big.unload()
-        small.unload()
+        report["sections"].append(_draft_pair_section(Path(spec.path), prompts, args, log))
 
     report["load_average"] = {"before": [round(x, 2) for x in load_before],
                               "after": [round(x, 2) for x in os.getloadavg()]}
@@ -356,7 +358,31 @@ def run(args: argparse.Namespace) -> int:
     report["goals"] = _goal_check(rows)
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+    else:
+        _print_table(report)
+    return 0
+
+
+def _draft_pair_section(path: Path, prompts: list[str], args: argparse.Namespace, log) -> dict[str, Any]:
+    """The ``draft`` drafter on the pair made from one file (see the module doc)."""
+    from assistant.inference.speculative import check_draft_pair
+
+    log("draft-model pair: a Q8_0 target requantized from the file, the file itself as draft")
+    q8 = requantized(path, "Q8_0")
+    big = _load(q8, args)
+    small = _load(path, args, kv_type=None)
+    try:
+        check_draft_pair(big, small)
+        sec = _section("draft-pair", big, ["plain", "draft", "auto"], prompts, args, draft_backend=small, log=log)
+        sec["target"], sec["draft"] = str(q8), str(path)
+        return sec
+    finally:
+        big.unload()
+        small.unload()
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    """The report as the tables ``assistant bench spec`` prints without --json."""
     print()
     for s in report["sections"]:
         costs = ", ".join(f"{n}: {c}" for n, c in s["verify_cost_steps"].items())
@@ -380,4 +406,3 @@ def run(args: argparse.Namespace) -> int:
     la = report["load_average"]
     print(f"load average before {la['before']}, after {la['after']}; {report['seconds']} s; "
           "other CPU: the most any run's other processes used (runs above --max-foreign were rerun)")
-    return 0

@@ -7,18 +7,29 @@ streams UTF-8-safe text, honours stop strings and never truncates the context
 silently: a prompt that does not fit is an error, and a reply that runs into
 the end of the window stops with ``finish_reason: "length"`` and
 ``context_full: true`` in its stats.
+
+Decoding is a token generator: :func:`plain_tokens` here, or
+``SpeculativeEngine.decode`` with a drafter. :func:`generate` is their one
+consumer: the only place that detokenizes, applies stop strings, emits
+text, counts tokens, masks end-of-generation tokens (``ignore_eos``, through
+the sampler every decoder draws with) and decides when the reply ends
+(end-of-generation token, stop string, ``max_tokens``, full context,
+cancel); then it closes the generator.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import numpy as np
 
 from backends.base import Backend, ContextOverflowError, IncrementalDecoder
 
 from assistant.inference.sampling import Sampler, SamplingParams
+from assistant.inference.stats import GenerationStats
 
 if TYPE_CHECKING:
     from assistant.inference.speculative import SpeculativeEngine
@@ -30,13 +41,17 @@ PREFILL_CHUNK = 256
 
 @dataclass
 class GenerationResult:
+    """A finished reply: its text, its tokens (end-of-generation excluded),
+    why it ended and its figures."""
+
     text: str
     tokens: list[int]
     finish_reason: str  # "stop" | "length" | "cancelled"
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: GenerationStats
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -103,6 +118,77 @@ def prefill(backend: Backend, prompt: Sequence[int], cancel: threading.Event | N
     return logits[-1], reused
 
 
+def plain_tokens(backend: Backend, logits: np.ndarray, sampler: Sampler, history: list[int]) -> Iterator[int]:
+    """Plain decoding as a token generator: sample from ``logits`` (the last
+    prompt position's row), yield the token, and when the caller asks for the
+    next one append it to ``history`` and evaluate it. Endless: the caller
+    stops (it must, at the end of the context window)."""
+    while True:
+        token = sampler.sample(logits, history)
+        yield token
+        history.append(token)
+        logits = backend.forward((token,))[-1]
+
+
+class _Reply:
+    """The text of a reply as it streams: detokenized UTF-8-safely, cut at
+    a stop string, handed to ``on_text`` piece by piece."""
+
+    def __init__(self, backend: Backend, stop: Sequence[str], on_text: Callable[[str], None] | None):
+        self.decoder = IncrementalDecoder(backend)
+        self.stopper = StopMatcher(stop)
+        self.on_text = on_text
+        self.tokens: list[int] = []
+        self.pieces: list[str] = []
+        self.stopped = False  # a stop string was hit
+
+    def add(self, token: int) -> bool:
+        """Take one token; True when it completed a stop string."""
+        self.tokens.append(token)
+        text, self.stopped = self.stopper.feed(self.decoder.push(token))
+        if text:
+            self._emit(text)
+        return self.stopped
+
+    def finish(self) -> None:
+        if not self.stopped:  # text held back for a possible stop string is real output
+            tail = self.stopper.flush() + self.decoder.flush()
+            if tail:
+                self._emit(tail)
+
+    def _emit(self, text: str) -> None:
+        self.pieces.append(text)
+        if self.on_text is not None:
+            self.on_text(text)
+
+
+def _consume(tokens: Iterator[int], backend: Backend, reply: _Reply, *, n_prompt: int, max_tokens: int,
+             cancel: threading.Event | None) -> tuple[str, bool, float | None]:
+    """Take tokens from a decoding generator until the reply ends, then close
+    it. Returns (finish reason, context full, time of the first token)."""
+    is_eog = backend.is_eog
+    n_ctx = backend.info.context_length
+    t_first = None
+    try:
+        for token in tokens:
+            if t_first is None:
+                t_first = time.perf_counter()
+            if is_eog(token):
+                return "stop", False, t_first
+            if reply.add(token):
+                return "stop", False, t_first
+            n = len(reply.tokens)
+            if n >= max_tokens:
+                return "length", False, t_first
+            if n_prompt + n > n_ctx:  # the cache is full: this token cannot be evaluated
+                return "length", True, t_first
+            if cancel is not None and cancel.is_set():
+                return "cancelled", False, t_first
+        return "length", True, t_first  # a generator ends only where the window does
+    finally:
+        tokens.close()
+
+
 def generate(
     backend: Backend,
     prompt: Sequence[int],
@@ -115,120 +201,59 @@ def generate(
     started: float | None = None,
     ignore_eos: bool = False,
     speculative: "SpeculativeEngine | None" = None,
+    label: str | None = None,
 ) -> GenerationResult:
     """Generate a reply to ``prompt`` (token ids), streaming text to ``on_text``.
 
     ``started`` is the ``time.perf_counter()`` at which the request arrived,
     so ``ttft_ms`` includes any time spent waiting in the model's queue.
     ``ignore_eos`` masks end-of-generation tokens (benchmarks, tests).
-    ``speculative`` (an ``assistant.inference.speculative.SpeculativeEngine``) runs the
-    decode loop with a drafter; without one the plain loop below runs.
+    ``speculative`` (an ``assistant.inference.speculative.SpeculativeEngine``)
+    decodes with a drafter; without one decoding is plain. ``label`` is the
+    model's name in the stats (default: ``backend.info.name``).
     """
     t0 = time.perf_counter()
     started = t0 if started is None else started
-    sampler = Sampler(params)
-    decoder = IncrementalDecoder(backend)
-    stopper = StopMatcher(stop)
-    n_ctx = backend.info.context_length
-    history = list(prompt)
-    out_tokens: list[int] = []
-    pieces: list[str] = []
-    finish = "length"
-    context_full = False
-    stop_hit = False
-    t_first = None
-
+    sampler = Sampler(params, banned=backend.info.eos_token_ids if ignore_eos else ())
+    reply = _Reply(backend, stop, on_text)
+    finish, context_full, t_first = "cancelled", False, None
     logits, reused = prefill(backend, prompt, cancel)
     t_prefill = time.perf_counter()
-    if logits is None:
-        finish = "cancelled"
-    eog = list(backend.info.eos_token_ids) if ignore_eos else []
-    if speculative is not None and logits is not None:
-
-        def push(token: int) -> str | None:
-            """Emit one token as the plain loop does; a finish reason ends the reply."""
-            nonlocal t_first, stop_hit
-            if t_first is None:
-                t_first = time.perf_counter()
-            if backend.is_eog(token):
-                return "stop"
-            out_tokens.append(token)
-            history.append(token)
-            text, hit = stopper.feed(decoder.push(token))
-            if text:
-                pieces.append(text)
-                if on_text is not None:
-                    on_text(text)
-            if hit:
-                stop_hit = True
-                return "stop"
-            return "length" if len(out_tokens) >= max_tokens else None
-
-        finish, context_full = speculative.decode(backend, logits, sampler, history, push, max_tokens=max_tokens,
-                                                  cancel=cancel, eog=eog)
-        logits = None
-    while logits is not None:
-        if eog:
-            logits = logits.copy()
-            logits[eog] = -float("inf")
-        token = sampler.sample(logits, history)
-        if t_first is None:
-            t_first = time.perf_counter()
-        if backend.is_eog(token):
-            finish = "stop"
-            break
-        out_tokens.append(token)
-        history.append(token)
-        text, hit = stopper.feed(decoder.push(token))
-        if text:
-            pieces.append(text)
-            if on_text is not None:
-                on_text(text)
-        if hit:
-            finish, stop_hit = "stop", True
-            break
-        if len(out_tokens) >= max_tokens:
-            finish = "length"
-            break
-        if len(backend.cached_tokens) + 1 > n_ctx:
-            finish, context_full = "length", True
-            break
-        if cancel is not None and cancel.is_set():
-            finish = "cancelled"
-            break
-        logits = backend.forward((token,))[-1]
-
-    if not stop_hit:  # text held back for a possible stop string is real output
-        tail = stopper.flush() + decoder.flush()
-        if tail:
-            pieces.append(tail)
-            if on_text is not None:
-                on_text(tail)
+    if logits is not None:
+        history = list(prompt)  # the decoder appends the tokens taken
+        tokens = (plain_tokens(backend, logits, sampler, history) if speculative is None
+                  else speculative.decode(backend, logits, sampler, history, max_tokens=max_tokens))
+        finish, context_full, t_first = _consume(tokens, backend, reply, n_prompt=len(prompt),
+                                                 max_tokens=max_tokens, cancel=cancel)
+    reply.finish()
     t_end = time.perf_counter()
-    n = len(out_tokens)
+    n = len(reply.tokens)
     decode_s = (t_end - t_first) if t_first is not None else 0.0
     info = backend.info
-    stats = {
-        "backend": info.backend,
-        "model": info.name,
-        "prompt_tokens": len(prompt),
-        "cached_prompt_tokens": reused,
-        "completion_tokens": n,
-        "ttft_ms": round((t_first - started) * 1000, 2) if t_first is not None else None,
-        "prefill_ms": round((t_prefill - t0) * 1000, 2),
-        "queue_ms": round((t0 - started) * 1000, 2),
+    return GenerationResult("".join(reply.pieces), reply.tokens, finish, GenerationStats(
+        backend=info.backend,
+        model=info.name if label is None else label,
+        prompt_tokens=len(prompt),
+        cached_prompt_tokens=reused,
+        completion_tokens=n,
+        ttft_ms=round((t_first - started) * 1000, 2) if t_first is not None else None,
+        prefill_ms=round((t_prefill - t0) * 1000, 2),
+        queue_ms=round((t0 - started) * 1000, 2),
         # Tokens after the first over the time after the first: the steady
         # decode rate, not diluted by prefill (that is ttft_ms).
-        "tokens_per_second": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None,
-        "total_ms": round((t_end - started) * 1000, 2),
-        "context_length": n_ctx,
-        "context_used": len(backend.cached_tokens),
-        "context_full": context_full,
-        "finish_reason": finish,
-    }
-    if speculative is not None:
-        stats.update(speculative.stats or {"drafter": speculative.name, "drafted": 0, "accepted": 0,
-                                           "acceptance_rate": None})
-    else:
-        stats.update(drafter="off", drafted=0, accepted=0, acceptance_rate=None)
-    return GenerationResult("".join(pieces), out_tokens, finish, stats)
+        tokens_per_second=round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None,
+        total_ms=round((t_end - started) * 1000, 2),
+        context_length=info.context_length,
+        context_used=len(backend.cached_tokens),
+        context_full=context_full,
+        finish_reason=finish,
+        **_speculative_stats(speculative),
+    ))
+
+
+def _speculative_stats(engine: "SpeculativeEngine | None") -> dict:
+    """The drafter's part of the stats (plain decoding: drafter "off", nothing drafted)."""
+    if engine is None:
+        return {}
+    return {"drafter": engine.name, "drafted": engine.drafted, "accepted": engine.accepted,
+            "speculative": engine.verify}

@@ -4,6 +4,10 @@ It works on the numpy rows that ``Backend.forward`` returns, so the
 generation loop and the speculative engine sample identically whatever the
 backend. ``distribution`` exposes the final probabilities (after penalties,
 temperature and truncation) because rejection sampling needs them.
+
+Tokens a request must never get (``banned``: the end-of-generation tokens
+when the caller ignores them) are masked here, the one place every decode
+loop samples through.
 """
 
 from __future__ import annotations
@@ -40,18 +44,36 @@ class Sampler:
     """Samples from logits with the llama.cpp order of operations:
     repeat penalty, then top-k, temperature, top-p, min-p."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, *, banned: Sequence[int] = ()):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.banned = list(banned)  # token ids never sampled (their logits count as -inf)
+
+    @property
+    def is_argmax(self) -> bool:
+        """Whether ``sample(row, history)`` is ``argmax(row)`` whatever the
+        history (greedy, no penalty, nothing banned): the engine then picks
+        a whole verify batch with one ``argmax``."""
+        p = self.params
+        return p.greedy and p.repeat_penalty == 1.0 and not self.banned
+
+    def _masked(self, logits: np.ndarray) -> np.ndarray:
+        out = logits.copy()  # the backend's row stays as it was
+        out[self.banned] = -np.inf
+        return out
 
     def _penalised(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """The logits after the repeat penalty and the banned tokens' mask
+        (a copy where either applies, else ``logits`` itself)."""
         p = self.params
         if p.repeat_penalty == 1.0 or not history or p.repeat_last_n == 0:
-            return logits
+            return self._masked(logits) if self.banned else logits
         recent = np.unique(np.asarray(history[-p.repeat_last_n :], dtype=np.int64))
         out = logits.astype(np.float32, copy=True)
         vals = out[recent]
         out[recent] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
+        if self.banned:
+            out[self.banned] = -np.inf
         return out
 
     def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -84,9 +106,11 @@ class Sampler:
         return cand, probs / probs.sum()
 
     def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        """One token drawn from ``logits`` (``history``: the text so far, for the repeat penalty)."""
         p = self.params
         if p.greedy and (p.repeat_penalty == 1.0 or not history):
-            return int(np.argmax(logits))  # the hot path: no copies
+            # The hot path: no copies (one where tokens are banned, as the mask needs).
+            return int(np.argmax(self._masked(logits) if self.banned else logits))
         cand, probs = self.distribution(logits, history)
         if len(cand) == 1:
             return int(cand[0])

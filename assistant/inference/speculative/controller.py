@@ -1,0 +1,137 @@
+"""Adaptive control of drafting (:class:`Controller`).
+
+Every drafted token belongs to a class (for ``ngram`` the length of the
+matched context, for a model "draft" or "mtp"); acceptance is measured per
+class and the cost of verify batches and plain steps per loaded model
+(:class:`~assistant.inference.speculative.costs.CostModel`). The draft length
+is the one with the best expected tokens per second, and 0 (a plain step)
+when no length beats plain decoding. If the realised speed of the recent
+verify steps falls below plain decoding anyway, drafting pauses for the
+request (32 tokens, doubling each time) and then probes again.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from assistant.inference.speculative.costs import CostModel
+
+# Prior acceptance per class: (accepted, tried) pseudo-counts.
+_PRIORS = {
+    "ngram:16+": (4.9, 5.0),
+    "ngram:8+": (4.5, 5.0),
+    "ngram:5+": (3.0, 5.0),
+    "ngram:4": (2.5, 5.0),
+    "ngram:3": (2.0, 5.0),
+    "ngram:2": (1.5, 5.0),
+    "ngram:1": (1.0, 5.0),
+    "draft": (3.0, 5.0),
+    "mtp": (3.0, 5.0),
+}
+_DECAY = 0.9  # old evidence fades: recent drafts count most
+_MEMORY = 20.0  # at most this many tried tokens of evidence per class
+PAUSE_START, PAUSE_MAX = 32, 1024
+PROBE_DRAFT = 4  # tokens drafted to probe a switched-off class
+
+
+class Controller:
+    """Picks the draft length from measured acceptance and cost; pauses
+    drafting for the request when recent verify steps did not pay."""
+
+    def __init__(self, cost: CostModel, max_draft: int, token_cost: Callable[[str], float]):
+        self.cost = cost
+        self.max_draft = max_draft
+        self.token_cost = token_cost  # class -> seconds per drafted token (0: free, as prompt lookup)
+        self.stats: dict[str, list[float]] = {}
+        self.room = 0  # set by the engine before each proposal
+        self.window: list[tuple[float, float]] = []  # (tokens gained * plain step, seconds)
+        self.paused_until = -1
+        self.pause = PAUSE_START
+        self.pauses = 0
+        self.position = 0  # tokens so far (set by the engine with room)
+        self.probe: dict[str, list[int]] = {}  # switched-off class -> [next probe position, interval]
+        self.probes = 0
+
+    def alpha(self, cls: str) -> float:
+        """The expected chance that a drafted token of class ``cls`` is accepted."""
+        s = self.stats.get(cls)
+        if s is None:
+            a, n = _PRIORS.get(cls, (2.0, 5.0))
+        else:
+            a, n = s
+        return min(a / n, 0.995)
+
+    def record(self, cls: str, drafted: int, accepted: int) -> None:
+        """A draft of class ``cls`` had ``accepted`` of its ``drafted`` tokens accepted."""
+        s = self.stats.get(cls)
+        if s is None:
+            s = list(_PRIORS.get(cls, (2.0, 5.0)))
+            self.stats[cls] = s
+        tried = accepted + (1 if accepted < drafted else 0)
+        s[0] = s[0] * _DECAY ** tried + accepted
+        s[1] = s[1] * _DECAY ** tried + tried
+        if s[1] > _MEMORY:  # a long accepted draft must not outweigh the next miss
+            s[0] *= _MEMORY / s[1]
+            s[1] = _MEMORY
+        if cls in self.probe and accepted == drafted:
+            # A switched-off class drafted right again: start it afresh from the prior.
+            del self.probe[cls]
+            del self.stats[cls]
+
+    def choose(self, cls: str, available: int) -> int:
+        """How many tokens of class ``cls`` to draft now (0: none), of the
+        ``available`` the drafter offers (the drafter's ``Chooser``)."""
+        k_max = min(available, self.room, self.max_draft)
+        if k_max <= 0:
+            return 0
+        k = self._best(cls, k_max)
+        if k > 0:
+            return k
+        if cls not in self.stats and self.alpha(cls) < 0.8:
+            return 0  # never drafted and not promising: nothing to learn
+        # This class drafted before and stopped paying (or should pay but the
+        # measured costs say no: they may be stale): probe it now and then
+        # (after 32 tokens, then 64, 128, ... up to 1024).
+        probe = self.probe.get(cls)
+        if probe is None:
+            self.probe[cls] = [self.position + PAUSE_START, PAUSE_START]
+            return 0
+        if self.position < probe[0]:
+            return 0
+        probe[1] = min(2 * probe[1], PAUSE_MAX)
+        probe[0] = self.position + probe[1]
+        self.probes += 1
+        return min(k_max, PROBE_DRAFT)
+
+    def _best(self, cls: str, k_max: int) -> int:
+        a = self.alpha(cls)
+        c1 = self.cost.step_cost()
+        extra = self.token_cost(cls)
+        best_k, best = 0, 1.03  # drafting must beat plain decoding by a margin
+        expected = 1.0
+        power = 1.0
+        for k in range(1, k_max + 1):
+            power *= a
+            expected += power  # 1 + a + ... + a^k: tokens per verify step
+            gain = expected * c1 / (self.cost.verify_cost(k + 1) + k * extra)
+            if gain >= best * 0.995 and (best_k or gain > best):  # near-ties go to the longer draft
+                best_k, best = k, max(gain, best)
+            if power < 0.02:
+                break
+        return best_k
+
+    def verified(self, produced: int, seconds: float, position: int) -> None:
+        """One verify step produced ``produced`` tokens in ``seconds`` (drafting included)."""
+        w = self.window
+        w.append((produced * self.cost.step_cost(), seconds))
+        if len(w) > 8:
+            del w[0]
+        if len(w) >= 6:
+            gained = sum(x for x, _ in w) / sum(s for _, s in w)
+            if gained < 0.9:
+                self.paused_until = position + self.pause
+                self.pause = min(2 * self.pause, PAUSE_MAX)
+                self.pauses += 1
+                w.clear()
+            elif gained > 1.2:
+                self.pause = PAUSE_START
