@@ -1,14 +1,17 @@
 """A local AI assistant: an asyncio daemon that owns a local model, a JSON-RPC
 protocol over a Unix socket, a CLI, a terminal UI and pluggy plugins.
 
-Plugins mark their hook functions with ``@assistant.hookimpl``."""
+Plugins mark their hook functions with ``@assistant.hookimpl``; hooks that
+deal with the running daemon get an ``assistant.PluginContext`` (the plugin
+API, ``assistant.plugin_api``)."""
 
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from assistant.hookspecs import hookimpl, hookspec
+    from assistant.plugin_api import PluginContext
 
-__all__ = ["hookimpl", "hookspec", "__version__"]
+__all__ = ["hookimpl", "hookspec", "PluginContext", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from assistant import hookspecs
 
         return getattr(hookspecs, name)
+    if name == "PluginContext":
+        from assistant.plugin_api import PluginContext
+
+        return PluginContext
     if name == "__version__":
         from importlib import metadata
 

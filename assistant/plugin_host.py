@@ -4,7 +4,7 @@ Discovery, in this order:
 
 1. the core plugin (``assistant.core_plugin``: the built-in backends and
    drafters), always loaded;
-2. entry points in the group ``assistant.plugin_host`` (the built-in plugins in
+2. entry points in the group ``assistant.plugins`` (the built-in plugins in
    ``plugins/`` register this way, exactly like third-party ones);
 3. single ``*.py`` files in the plugin dirs (config ``plugin_dirs``, env
    ``ASSISTANT_PLUGIN_DIR`` (``os.pathsep``-separated), default ``plugins/``
@@ -13,6 +13,13 @@ Discovery, in this order:
 ``ASSISTANT_PLUGINS`` is an allow-list (comma-separated names; set but empty
 means none, like llm's ``LLM_LOAD_PLUGINS``); ``--no-plugins`` loads none.
 Either way, plugins that are not loaded are still listed, as "disabled".
+
+Hooks that deal with the running daemon get the plugin's own
+``assistant.plugin_api.PluginContext``, never the daemon: the daemon hands
+its services to ``PluginHost.bind`` once, and the host builds one context
+per plugin on first use and passes it to every hook that names
+``context``. A hook still written to the old ``daemon`` argument fails the
+plugin at load, with a message naming the new signature.
 
 Isolation: a plugin that fails to import, fails pluggy's validation (an
 unknown hook name, say) or raises in a hook is logged with its traceback and
@@ -39,10 +46,11 @@ from typing import Any, Callable
 import pluggy
 
 from assistant import hookspecs, paths
+from assistant.plugin_api import PluginContext, PluginServices
 
-log = logging.getLogger("assistant.plugin_host")
+log = logging.getLogger("assistant.plugins")
 
-ENTRY_POINT_GROUP = "assistant.plugin_host"
+ENTRY_POINT_GROUP = "assistant.plugins"
 CORE = "core"
 
 
@@ -179,6 +187,33 @@ class PluginHost:
         self.methods: dict[str, tuple[Callable[..., Any], str, str]] = {}  # name -> (handler, plugin, description)
         self.backends: dict[str, Any] = {}
         self.drafters: dict[str, Any] = {}
+        self._services: PluginServices | None = None
+        self._contexts: dict[str, PluginContext] = {}
+
+    # -- the plugins' contexts ------------------------------------------------------
+
+    def bind(self, services: PluginServices) -> None:
+        """Give the plugins' contexts the daemon's services (once, before ``startup``).
+        An unbound host (the CLI's) still loads and collects; its contexts cannot
+        reach a daemon."""
+        if self._services is not None and self._services is not services:
+            raise PluginError("this plugin host is already bound to another daemon")
+        self._services = services
+
+    def context(self, plugin: str) -> PluginContext:
+        """The plugin's context, built on first use (one per plugin)."""
+        ctx = self._contexts.get(plugin)
+        if ctx is None:
+            ctx = self._contexts[plugin] = PluginContext(plugin, self.settings.get(plugin) or {}, self._services)
+        return ctx
+
+    async def close_contexts(self) -> None:
+        """Close every context's connection to the daemon (after the shutdown hooks)."""
+        for ctx in self._contexts.values():
+            try:
+                await ctx.aclose()
+            except Exception:  # noqa: BLE001 - the daemon is stopping anyway
+                log.debug("closing the context of plugin %s failed", ctx.name, exc_info=True)
 
     # -- discovery ---------------------------------------------------------------
 
@@ -234,6 +269,10 @@ class PluginHost:
 
     def _register(self, name: str, module: Any, record: PluginRecord) -> None:
         self.records[name] = record
+        old = _old_signature(module)
+        if old is not None:
+            self._fail(record, old)
+            return
         try:
             self.pm.register(module, name=name)
             # check_pending catches hook functions whose names match no hook
@@ -267,6 +306,8 @@ class PluginHost:
 
     def _args(self, impl, kwargs: dict[str, Any]) -> list[Any]:
         values = {**kwargs, "settings": self.settings.get(impl.plugin_name) or {}}
+        if "context" in impl.argnames:
+            values["context"] = self.context(impl.plugin_name)
         return [values[a] for a in impl.argnames]
 
     def _hook_failed(self, impl, hook: str, exc: BaseException) -> None:
@@ -296,7 +337,10 @@ class PluginHost:
 
     async def acall(self, hook: str, **kwargs: Any) -> None:
         """Call a hook's implementations concurrently without blocking the loop (sync
-        ones in threads), so one slow plugin delays neither the daemon nor the others."""
+        ones in threads), so one slow plugin delays neither the daemon nor the others.
+
+        Each implementation that names ``context`` gets its plugin's own. After
+        ``shutdown``, the contexts' connections to the daemon are closed."""
         async def one(impl) -> None:
             started = time.perf_counter()
             try:
@@ -309,7 +353,11 @@ class PluginHost:
             finally:
                 self._traced(impl, hook, started)
 
-        await asyncio.gather(*(one(impl) for impl in self._impls(hook)))
+        try:
+            await asyncio.gather(*(one(impl) for impl in self._impls(hook)))
+        finally:
+            if hook == "shutdown":
+                await self.close_contexts()
 
     # -- registrations ----------------------------------------------------------------
 
@@ -395,6 +443,25 @@ class PluginHost:
 
 _HOOK_NAMES = {name for name in dir(hookspecs) if not name.startswith("_")
                and hasattr(getattr(hookspecs, name), "assistant_spec")}
+
+
+def _old_signature(module: Any) -> str | None:
+    """The error for a hook written against the daemon (before PluginContext), or None."""
+    for attr in dir(module):
+        fn = getattr(module, attr, None)
+        opts = getattr(fn, "assistant_impl", None) if callable(fn) else None
+        if not isinstance(opts, dict):
+            continue
+        hook = opts.get("specname") or attr
+        try:
+            params = list(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            continue
+        if hook in _HOOK_NAMES and "daemon" in params:
+            new = ", ".join("context" if p == "daemon" else p for p in params)
+            return (f"hook {hook}({', '.join(params)}) takes a `daemon` argument; since 0.2 hooks get a "
+                    f"PluginContext: write {hook}({new}) (see docs/plugins.md)")
+    return None
 
 
 def _entry_points() -> list[metadata.EntryPoint]:

@@ -84,14 +84,14 @@ from assistant import hookimpl
 SEEN = []
 
 @hookimpl
-def startup(daemon):
-    daemon.emit("slow.started", {"n": 1}, source="slow")
+def startup(context):
+    context.emit("slow.started", {"n": 1})  # source: the plugin's name, "slow"
     time.sleep(30)  # a sync hook that blocks: runs in a thread, the loop goes on
 
 @hookimpl
-async def on_event(event, daemon):
+async def on_event(event, context):
     if event["type"] == "ping.request":
-        daemon.emit("ping.reply", {"got": event["data"]}, source="slow")
+        context.emit("ping.reply", {"got": event["data"]})
 
 @hookimpl
 def register_methods(register):
@@ -101,16 +101,10 @@ def register_methods(register):
 EMITTER = '''
 from assistant import hookimpl
 
-DAEMON = []
-
 @hookimpl
-def startup(daemon):
-    DAEMON.append(daemon)
-
-@hookimpl
-def register_methods(register):
+def register_methods(register, context):
     async def ping(params):
-        DAEMON[0].emit("ping.request", params, source="emitter")
+        context.emit("ping.request", params)
         return {"ok": True}
     register("emitter.ping", ping)
 '''

@@ -342,3 +342,123 @@ def test_message_survives_abrupt_process_death(db_path: Path, death: str) -> Non
         assert msg["content"] == "acknowledged"
         assert msg["stats"] == {"n": 1}
         assert str(msg["id"]) == proc.stdout.split()[1]
+
+
+# ------------------------------------------------------------------ plugin-owned data
+
+# The 1 -> 2 step as it shipped, when the automation tables were core tables.
+SHIPPED_V2_AUTOMATION_TABLES = [
+    "CREATE TABLE automation_runs (id INTEGER PRIMARY KEY AUTOINCREMENT, rule_id TEXT NOT NULL, "
+    "started REAL NOT NULL, finished REAL, status TEXT NOT NULL, trace TEXT NOT NULL)",
+    "CREATE INDEX automation_runs_rule ON automation_runs(rule_id, id)",
+    "CREATE TABLE automation_state (rule_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, "
+    "PRIMARY KEY (rule_id, key))",
+]
+
+
+def _tables(path: Path) -> set[str]:
+    raw = sqlite3.connect(path)
+    try:
+        return {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        raw.close()
+
+
+def test_fresh_database_has_core_plugin_tables_but_no_automation_tables(db_path: Path) -> None:
+    Store(db_path).close()
+    tables = _tables(db_path)
+    assert {"sessions", "messages", "plugin_state", "plugin_migrations"} <= tables
+    assert not tables & {"automation_runs", "automation_state"}  # filewatch makes them, when it runs
+
+
+def test_version_2_database_keeps_its_automation_data_and_filewatch_adopts_it(db_path: Path) -> None:
+    from plugins.filewatch import history
+
+    # A database written when the automation tables were in the core schema (user_version 2).
+    with Store(db_path):
+        pass
+    raw = sqlite3.connect(db_path)
+    raw.execute("DROP TABLE plugin_state")
+    raw.execute("DROP TABLE plugin_migrations")
+    for statement in SHIPPED_V2_AUTOMATION_TABLES:
+        raw.execute(statement)
+    raw.execute("INSERT INTO automation_runs (rule_id, started, status, trace) VALUES ('r', 1.0, 'ok', '{}')")
+    raw.execute("INSERT INTO automation_state VALUES ('r', 'enabled', 'false')")
+    raw.execute("PRAGMA user_version = 2")
+    raw.commit()
+    raw.close()
+
+    with Store(db_path) as s:
+        assert s.schema_version == SCHEMA_VERSION == 3
+        assert s.plugin_data.migrate("filewatch", history.MIGRATIONS) == [1]  # IF NOT EXISTS: the data stays
+        assert s.plugin_data.run("filewatch", lambda conn: history.runs(conn, "r"))[0]["status"] == "ok"
+        assert s.plugin_data.run("filewatch", lambda conn: history.get_state(conn, "r", "enabled")) is False
+        assert s.plugin_data.migrations("filewatch") == [1]
+
+
+def test_plugin_state_is_per_plugin_json_text_and_survives_reopening(db_path: Path) -> None:
+    with Store(db_path) as s:
+        data = s.plugin_data
+        data.state_set("a", "k1", '{"x": 1}')
+        data.state_set("a", "k1", '{"x": 2}')  # replaces
+        data.state_set("a", "50%_off", "1")
+        data.state_set("b", "k1", '"other"')
+        assert data.state_get("a", "k1") == '{"x": 2}' and data.state_get("b", "k1") == '"other"'
+        assert data.state_get("a", "missing") is None
+        assert data.state_keys("a") == ["50%_off", "k1"]
+        assert data.state_keys("a", "50%") == ["50%_off"] and data.state_keys("a", "5_") == []
+        assert data.state_delete("b", "k1") is True and data.state_delete("b", "k1") is False
+    with Store(db_path) as s:
+        assert s.plugin_data.state_get("a", "k1") == '{"x": 2}' and s.plugin_data.state_keys("b") == []
+
+
+def test_plugin_migrations_run_once_in_order_and_a_failed_one_leaves_nothing(db_path: Path) -> None:
+    steps = [["CREATE TABLE p_items (id INTEGER PRIMARY KEY, name TEXT)"],
+             ["INSERT INTO p_items (name) VALUES ('seed')"]]
+    with Store(db_path) as s:
+        data = s.plugin_data
+        assert data.migrate("p", steps) == [1, 2]
+        assert data.migrate("p", steps) == []
+        broken = steps + [["ALTER TABLE p_items ADD COLUMN size INTEGER", "INSERT INTO no_such_table VALUES (1)"]]
+        with pytest.raises(StoreError, match=r"plugin 'p': migration 3 failed: no such table"):
+            data.migrate("p", broken)
+        # Migration 3 rolled back whole: the column its first statement added is gone.
+        assert [r[1] for r in data.run("p", lambda c: c.execute("PRAGMA table_info(p_items)").fetchall())] == \
+            ["id", "name"]
+        assert data.migrations("p") == [1, 2]
+        fixed = steps + [["ALTER TABLE p_items ADD COLUMN size INTEGER"]]
+        assert data.migrate("p", fixed) == [3]
+        assert data.migrations("other") == []  # recorded per plugin
+        with pytest.raises(StoreError, match="older version"):
+            data.migrate("p", steps)  # the database is ahead of this copy of the plugin
+
+
+def test_plugin_code_cannot_change_core_tables_or_the_transaction(db_path: Path) -> None:
+    class Oops(Exception):
+        pass
+
+    with Store(db_path) as s:
+        s.create_session(id="mine", title="private")
+        data = s.plugin_data
+        data.migrate("p", ["CREATE TABLE p_t (v TEXT UNIQUE)"])
+        assert data.run("p", lambda c: c.execute("SELECT title FROM sessions").fetchall()) == [("private",)]
+        for statement in ("DELETE FROM sessions", "UPDATE messages SET content = ''", "DROP TABLE plugin_state",
+                          "INSERT INTO plugin_migrations VALUES ('p', 9, 0)", "ALTER TABLE sessions ADD x",
+                          "CREATE INDEX p_i ON sessions(title)", "PRAGMA user_version = 99",
+                          "PRAGMA synchronous = OFF", "COMMIT"):
+            with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+                data.run("p", lambda c, q=statement: c.execute(q))
+
+        def insert_then_fail(conn):
+            conn.execute("INSERT INTO p_t VALUES ('gone')")
+            raise Oops("after the insert")
+
+        with pytest.raises(Oops):
+            data.run("p", insert_then_fail)
+        data.run("p", lambda c: c.execute("INSERT INTO p_t VALUES ('kept')"))
+        with pytest.raises(sqlite3.IntegrityError):  # the plugin's own SQL errors come through as they are
+            data.run("p", lambda c: c.execute("INSERT INTO p_t VALUES ('kept')"))
+        assert data.run("p", lambda c: c.execute("SELECT v FROM p_t").fetchall()) == [("kept",)]
+        assert s.get_session("mine")["title"] == "private" and s.schema_version == SCHEMA_VERSION
+        # The guard is off again for the core's own writes.
+        s.add_message("mine", "user", "still writable")

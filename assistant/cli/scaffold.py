@@ -1,8 +1,9 @@
 """``assistant plugins new NAME``: a working plugin package to start from.
 
-It has a pyproject with the entry point, one skill, and one test that starts
-a real daemon with the plugin (through ``assistant.testing``) and calls the
-skill over the socket.
+It has a pyproject with the entry point, one skill written against the
+plugin API (``assistant.plugin_api.PluginContext``: state, events, a
+logger), and one test that starts a real daemon with the plugin (through
+``assistant.testing``) and calls the skill over the socket.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ dependencies = ["local-assistant"]
 test = ["pytest", "pytest-asyncio"]
 
 # This line is what makes the assistant find the plugin once it is installed.
-[project.entry-points."assistant.plugin_host"]
+[project.entry-points."assistant.plugins"]
 {name} = "{module}"
 
 [tool.setuptools]
@@ -45,11 +46,13 @@ MODULE = '''\
 """{name}: an assistant plugin.
 
 Hooks are plain functions marked with @hookimpl; see the hook reference in
-the assistant's docs/plugins.md. Every hook may also take `settings`, this
-plugin's section of the config (plugins: {{{name}: ...}}).
+the assistant's docs/plugins.md. Hooks that deal with the running daemon
+take `context`, this plugin's PluginContext (its whole API: settings, log,
+emit, call_skill, chat, state, migrate, db, data_dir). Every hook may also
+take `settings`, this plugin's section of the config (plugins: {{{name}: ...}}).
 """
 
-from assistant import hookimpl
+from assistant import PluginContext, hookimpl
 
 __version__ = "0.1.0"
 
@@ -60,10 +63,17 @@ def hello(name: str, excited: bool = False) -> str:
 
 
 @hookimpl
-def register_skills(register):
+def register_skills(register, context: PluginContext):
+    async def greet(name: str, excited: bool = False) -> str:
+        # The plugin's own state: kept in the assistant's database, across restarts.
+        count = await context.state.get("greetings", 0) + 1
+        await context.state.set("greetings", count)
+        context.emit("{name}.greeted", {{"name": name, "count": count}})  # clients subscribe to "{name}.*"
+        return hello(name, excited)
+
     register(
         "{name}.hello",
-        hello,
+        greet,
         description="Greet someone by name.",
         parameters={{
             "type": "object",
@@ -75,6 +85,11 @@ def register_skills(register):
             "additionalProperties": False,
         }},
     )
+
+
+@hookimpl
+async def startup(context: PluginContext):
+    context.log.info("%s ready (%d greetings so far)", context.name, await context.state.get("greetings", 0))
 '''
 
 CONFTEST = '''\

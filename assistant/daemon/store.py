@@ -10,8 +10,10 @@ Everything returned is a plain dict of JSON-ready values (str, float, int,
 None, dict), so the RPC layer can hand it straight to a client.
 
 The schema evolves through ``MIGRATIONS``: entry *i* takes a database from
-``PRAGMA user_version`` *i* to *i + 1*. Later features (automation runs, ...)
-append an entry; never edit one that has shipped.
+``PRAGMA user_version`` *i* to *i + 1*. Later core features append an entry;
+never edit one that has shipped. Plugins own their tables through their own,
+per-plugin migrations (``PluginData.migrate``, reached through
+``PluginContext.migrate``), not through this list.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["Store", "StoreError", "MIGRATIONS", "SCHEMA_VERSION", "ROLES", "STATUSES"]
+__all__ = ["Store", "StoreError", "PluginData", "MIGRATIONS", "SCHEMA_VERSION", "ROLES", "STATUSES",
+           "CORE_TABLES"]
 
 
 class StoreError(Exception):
@@ -70,31 +73,42 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX messages_session_id ON messages(session_id, id)",
         "CREATE INDEX sessions_updated ON sessions(updated)",
     ],
-    # 1 -> 2: automation runs (one traced run of a file-watching rule) and
-    # small per-rule state (enabled overrides, the last content seen for diffs).
+    # 1 -> 2: was the filewatch plugin's tables (automation_runs,
+    # automation_state). They are the plugin's own migrations now
+    # (plugins/filewatch/history.py, through its PluginContext); databases
+    # that ran this step keep the tables and their data, new ones get them
+    # when filewatch first starts. Empty, not removed: user_version 2 must
+    # keep meaning what it meant.
+    [],
+    # 2 -> 3: what plugins own in the core database: their key-value state
+    # (PluginContext.state) and a record of the migrations each plugin ran
+    # (PluginContext.migrate).
     [
         """
-        CREATE TABLE automation_runs (
-            id       INTEGER PRIMARY KEY AUTOINCREMENT,
-            rule_id  TEXT NOT NULL,
-            started  REAL NOT NULL,
-            finished REAL,
-            status   TEXT NOT NULL,  -- running|ok|error|skipped|dry_run|cancelled
-            trace    TEXT NOT NULL   -- JSON: events, conditions, actions
+        CREATE TABLE plugin_state (
+            plugin TEXT NOT NULL,
+            key    TEXT NOT NULL,
+            value  TEXT NOT NULL,  -- JSON
+            PRIMARY KEY (plugin, key)
         )
         """,
-        "CREATE INDEX automation_runs_rule ON automation_runs(rule_id, id)",
         """
-        CREATE TABLE automation_state (
-            rule_id TEXT NOT NULL,
-            key     TEXT NOT NULL,
-            value   TEXT NOT NULL,  -- JSON
-            PRIMARY KEY (rule_id, key)
+        CREATE TABLE plugin_migrations (
+            plugin  TEXT NOT NULL,
+            version INTEGER NOT NULL,  -- 1 for the plugin's first migration, ...
+            applied REAL NOT NULL,
+            PRIMARY KEY (plugin, version)
         )
         """,
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# Tables the core owns. Plugin code running in the database (migrations and
+# PluginContext.db) may read them but not change them: a guard against a
+# plugin bug damaging the chat history, not a security boundary (a plugin
+# runs in the daemon's process).
+CORE_TABLES = frozenset({"sessions", "messages", "plugin_state", "plugin_migrations"})
 
 # Marks "argument not passed" in update_session, where None is a real value
 # (it clears the field).
@@ -125,6 +139,7 @@ class Store:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._last_ts = 0.0
+        self.plugin_data = PluginData(self)
 
         parent = self.path.parent
         if not parent.exists():
@@ -218,8 +233,11 @@ class Store:
                 raise StoreError(f"{self.path}: {e}") from e
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One transaction, committed before the caller's method returns."""
+    def _write(self, wrap_errors: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction, committed before the caller's method returns.
+
+        sqlite3 errors become StoreError unless ``wrap_errors`` is False (plugin
+        code gets its own SQL's errors as they are)."""
         with self._lock:
             conn = self._require_conn()
             try:
@@ -235,7 +253,7 @@ class Store:
             except BaseException as e:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                if isinstance(e, sqlite3.Error):
+                if wrap_errors and isinstance(e, sqlite3.Error):
                     raise StoreError(f"{self.path}: {e}") from e
                 raise
 
@@ -545,45 +563,121 @@ class Store:
             parts.append(f"{heading}\n\n{msg['content']}")
         return "\n\n".join(parts) + "\n"
 
-    # -- automation runs ------------------------------------------------------
 
-    @staticmethod
-    def _run_dict(row: sqlite3.Row | tuple) -> dict:
-        id_, rule_id, started, finished, status, trace = row
-        return {"id": id_, "rule_id": rule_id, "started": started, "finished": finished, "status": status,
-                **json.loads(trace)}
+# -- what plugins keep in the core database --------------------------------------
 
-    def add_run(self, rule_id: str, status: str, trace: dict) -> int:
-        """Record a run as it starts; returns its id. Committed before returning."""
-        with self._write() as conn:
-            cur = conn.execute("INSERT INTO automation_runs (rule_id, started, status, trace) VALUES (?, ?, ?, ?)",
-                               (rule_id, time.time(), status, self._dump_json(trace, "trace")))
-            return int(cur.lastrowid)
+# Actions a plugin's SQL may not take on a core table, and which authorizer
+# argument names the table (1: arg1, 2: arg2).
+_TABLE_ARG = {
+    sqlite3.SQLITE_INSERT: 1, sqlite3.SQLITE_UPDATE: 1, sqlite3.SQLITE_DELETE: 1, sqlite3.SQLITE_DROP_TABLE: 1,
+    sqlite3.SQLITE_ALTER_TABLE: 2, sqlite3.SQLITE_CREATE_INDEX: 2, sqlite3.SQLITE_DROP_INDEX: 2,
+    sqlite3.SQLITE_CREATE_TRIGGER: 2, sqlite3.SQLITE_DROP_TRIGGER: 2,
+}
+# Pragmas whose setting would break the store's rules (schema version, WAL, durability, cascades).
+_STORE_PRAGMAS = frozenset({"user_version", "schema_version", "journal_mode", "synchronous", "foreign_keys",
+                            "writable_schema", "locking_mode"})
 
-    def finish_run(self, run_id: int, status: str, trace: dict) -> None:
-        with self._write() as conn:
-            conn.execute("UPDATE automation_runs SET finished = ?, status = ?, trace = ? WHERE id = ?",
-                         (time.time(), status, self._dump_json(trace, "trace"), run_id))
 
-    def runs(self, rule_id: str | None = None, limit: int = 50) -> list[dict]:
-        """Most recent runs first, of one rule or of all."""
-        with self._read() as conn:
-            if rule_id is None:
-                rows = conn.execute("SELECT id, rule_id, started, finished, status, trace FROM automation_runs "
-                                    "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-            else:
-                rows = conn.execute("SELECT id, rule_id, started, finished, status, trace FROM automation_runs "
-                                    "WHERE rule_id = ? ORDER BY id DESC LIMIT ?", (rule_id, limit)).fetchall()
-        return [self._run_dict(r) for r in rows]
+def _plugin_authorizer(action: int, arg1: str | None, arg2: str | None, _db: str | None, _source: str | None) -> int:
+    if action == sqlite3.SQLITE_TRANSACTION:
+        return sqlite3.SQLITE_DENY  # the store owns the transaction (BEGIN ... COMMIT around the plugin's code)
+    if action == sqlite3.SQLITE_PRAGMA and arg2 is not None and (arg1 or "").lower() in _STORE_PRAGMAS:
+        return sqlite3.SQLITE_DENY
+    where = _TABLE_ARG.get(action)
+    table = arg1 if where == 1 else arg2 if where == 2 else None
+    if table is not None and table.lower() in CORE_TABLES:
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
 
-    def get_state(self, rule_id: str, key: str, default: Any = None) -> Any:
-        with self._read() as conn:
-            row = conn.execute("SELECT value FROM automation_state WHERE rule_id = ? AND key = ?",
-                               (rule_id, key)).fetchone()
-        return json.loads(row[0]) if row else default
 
-    def set_state(self, rule_id: str, key: str, value: Any) -> None:
-        with self._write() as conn:
-            conn.execute("INSERT INTO automation_state (rule_id, key, value) VALUES (?, ?, ?) "
-                         "ON CONFLICT (rule_id, key) DO UPDATE SET value = excluded.value",
-                         (rule_id, key, self._dump_json(value, "state")))
+@contextlib.contextmanager
+def _plugin_guard(conn: sqlite3.Connection) -> Iterator[None]:
+    """While plugin SQL runs: core tables read-only, no transaction control, no store pragmas."""
+    conn.set_authorizer(_plugin_authorizer)
+    try:
+        yield
+    finally:
+        conn.set_authorizer(None)
+
+
+class PluginData:
+    """Plugin-owned data in the core database, each plugin under its own name:
+    key-value state (``plugin_state``), the plugin's own tables (made by its
+    migrations, recorded in ``plugin_migrations``) and transactions on them.
+
+    ``store.plugin_data``; the daemon calls it on the store's thread for each
+    plugin's ``PluginContext``. Every write commits before returning.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def state_get(self, plugin: str, key: str) -> str | None:
+        """The JSON text stored under ``key``, or None."""
+        with self._store._read() as conn:
+            row = conn.execute("SELECT value FROM plugin_state WHERE plugin = ? AND key = ?", (plugin, key)).fetchone()
+        return row[0] if row else None
+
+    def state_set(self, plugin: str, key: str, value: str) -> None:
+        """Store JSON text under ``key``."""
+        with self._store._write() as conn:
+            conn.execute("INSERT INTO plugin_state (plugin, key, value) VALUES (?, ?, ?) "
+                         "ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value", (plugin, key, value))
+
+    def state_delete(self, plugin: str, key: str) -> bool:
+        with self._store._write() as conn:
+            return conn.execute("DELETE FROM plugin_state WHERE plugin = ? AND key = ?", (plugin, key)).rowcount > 0
+
+    def state_keys(self, plugin: str, prefix: str = "") -> list[str]:
+        # substr rather than LIKE: a prefix holding % or _ means itself.
+        with self._store._read() as conn:
+            rows = conn.execute("SELECT key FROM plugin_state WHERE plugin = ? AND substr(key, 1, ?) = ? "
+                                "ORDER BY key", (plugin, len(prefix), prefix)).fetchall()
+        return [r[0] for r in rows]
+
+    def migrations(self, plugin: str) -> list[int]:
+        """The numbers of the plugin's migrations this database has run."""
+        with self._store._read() as conn:
+            rows = conn.execute("SELECT version FROM plugin_migrations WHERE plugin = ? ORDER BY version",
+                                (plugin,)).fetchall()
+        return [r[0] for r in rows]
+
+    def migrate(self, plugin: str, migrations: Any) -> list[int]:
+        """Run the plugin's migrations not yet run here, in order; each in one
+        transaction with its record. Entry *i* of ``migrations`` (an SQL
+        statement or a list of them) is migration *i + 1*. Returns the numbers
+        run. StoreError names the plugin and the migration that failed (it is
+        rolled back); TypeError for an entry that is not SQL text."""
+        steps = [[m] if isinstance(m, str) else m for m in migrations]
+        if not all(isinstance(step, (list, tuple)) and all(isinstance(q, str) for q in step) for step in steps):
+            raise TypeError(f"plugin {plugin!r}: migrations are SQL statements: each entry a string or a list "
+                            "of strings")
+        known = self.migrations(plugin)
+        if known and known[-1] > len(steps):
+            raise StoreError(f"{self._store.path}: plugin {plugin!r} has run migration {known[-1]} here, but "
+                             f"this version of it has only {len(steps)}; is an older version installed?")
+        applied = []
+        for version, statements in enumerate(steps, 1):
+            if version in known:
+                continue
+            try:
+                with self._store._write(wrap_errors=False) as conn:
+                    # Checked again inside the write lock: another daemon on this database may have run it.
+                    if conn.execute("SELECT 1 FROM plugin_migrations WHERE plugin = ? AND version = ?",
+                                    (plugin, version)).fetchone():
+                        continue
+                    with _plugin_guard(conn):
+                        for statement in statements:
+                            conn.execute(statement)
+                    conn.execute("INSERT INTO plugin_migrations (plugin, version, applied) VALUES (?, ?, ?)",
+                                 (plugin, version, time.time()))
+            except sqlite3.Error as e:
+                raise StoreError(f"plugin {plugin!r}: migration {version} failed: {e}") from e
+            applied.append(version)
+        return applied
+
+    def run(self, plugin: str, fn: Any) -> Any:
+        """``fn(conn)`` in one transaction, guarded (core tables read-only);
+        ``plugin`` is whose code it is. What ``fn`` raises propagates, rolled back."""
+        with self._store._write(wrap_errors=False) as conn, _plugin_guard(conn):
+            return fn(conn)

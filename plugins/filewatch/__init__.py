@@ -1,7 +1,8 @@
 """filewatch: background automations that let the model react to files changing.
 
 A built-in plugin, loaded through the plugin system like any third-party one
-(entry point ``filewatch`` in the ``assistant.plugin_host`` group). Rules live in
+(entry point ``filewatch`` in the ``assistant.plugins`` group), and it uses
+nothing of the daemon but its ``PluginContext``. Rules live in
 the plugin's settings (``plugins: {filewatch: {rules: [...]}}``) or in a
 rules file; see docs/automations.md.
 
@@ -28,14 +29,14 @@ _engine: Automations | None = None
 
 
 @hookimpl
-async def startup(daemon, settings):
+async def startup(context, settings):
     global _engine
-    _engine = Automations(daemon, settings)
+    _engine = Automations(context, settings)
     await _engine.start()
 
 
 @hookimpl
-async def shutdown(daemon):
+async def shutdown():
     if _engine is not None:
         await _engine.stop()
 
@@ -69,7 +70,7 @@ async def _list(params):
 async def _show(params):
     eng = _need()
     rule = _rule(params)
-    runs = await eng.daemon.db(eng.daemon.store.runs, rule.id, int(params.get("limit") or 10))
+    runs = await eng.runs(rule.id, int(params.get("limit") or 10))
     return {**rule.describe(), "runs": runs}
 
 
@@ -79,7 +80,7 @@ async def _log(params):
     if rid is not None:
         _rule(params)
     limit = params.get("limit") or 50
-    return {"runs": await eng.daemon.db(eng.daemon.store.runs, rid, int(limit))}
+    return {"runs": await eng.runs(rid, int(limit))}
 
 
 async def _test(params):
