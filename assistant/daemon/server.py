@@ -320,6 +320,24 @@ class RPCServer:
         """Requests being served (not counting ``exclude``, typically the caller)."""
         return sum(1 for c in self.connections for r in c.requests.values() if r is not exclude)
 
+    async def drain_and_close(self, timeout: float = 15) -> None:
+        """Shutdown: stop accepting, cancel every in-flight request and give them
+        ``timeout`` seconds to answer (they see their cancel flag within one
+        decode step), flush what clients have not read yet, then close."""
+        if self._server is not None:
+            self._server.close()  # no new connections
+        tasks = [t for c in self.connections for t in c.tasks]
+        for conn in self.connections:
+            conn.cancel_all()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for conn in list(self.connections):
+            try:
+                await asyncio.wait_for(conn.writer.drain(), 2)
+            except Exception:  # noqa: BLE001 - the client may be gone
+                pass
+        await self.close()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

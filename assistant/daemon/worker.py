@@ -15,6 +15,7 @@ from typing import Any, Callable, TypeVar
 from backends.base import Backend, LoadOptions, ModelInfo
 
 from assistant.config.models import ModelSpec
+from assistant.inference.speculative import CostModel
 
 T = TypeVar("T")
 
@@ -39,6 +40,9 @@ class ModelWorker:
         # Models this one uses (speculative-decoding draft models), by file; loaded,
         # driven and unloaded on this worker's thread.
         self.companions: dict[str, Backend] = {}
+        # What a decode step and a verify batch cost on this model, measured by
+        # speculative decoding and kept for the model's life.
+        self.costs = CostModel()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{key}")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -69,6 +73,14 @@ class ModelWorker:
             self.companions.clear()
             self.state = "unloaded"
         self._executor.shutdown(wait=False)
+
+    def matches(self, backend: str | None, context: int | None) -> bool:
+        """Whether this loaded model serves a request for ``backend`` and ``context``
+        (None: any). "auto" keeps whatever backend the model runs on: it was chosen
+        for this machine."""
+        wanted_backend = backend in (None, "auto") or backend == self.backend.name
+        wanted_ctx = context is None or (self.info is not None and self.info.context_length == context)
+        return wanted_backend and wanted_ctx
 
     def record(self, stats: dict[str, Any]) -> None:
         """Account a finished generation (shown by ``status``)."""

@@ -1,0 +1,156 @@
+"""``chat``: one reply from a model, streamed, with tools, kept in a session.
+
+The request path: parameters are parsed at the edge; the user's message is
+stored (on disk before generation starts); the model is fetched from the
+registry (loaded if needed, and a draft model with it); the conversation is
+rendered with the model's own template and generated on the model's thread,
+text deltas going out as ``chat.delta`` notifications; skills the model
+calls as tools run and the model goes on; the reply is stored, and only then
+is the final response sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.base import Backend, ContextOverflowError
+
+from assistant.daemon import chat_settings, conversation, params, tools
+from assistant.daemon.methods import MethodTable
+from assistant.daemon.server import TextStream
+from assistant.daemon.worker import ModelWorker
+from assistant.inference import speculative
+from assistant.inference.generation import GenerationResult, generate
+from assistant.protocol import ErrorCode, RPCError
+
+rpc = MethodTable()
+
+
+@dataclass
+class Turn:
+    """What one chat request works with, once its parameters are checked."""
+
+    p: params.Chat
+    messages: list[dict[str, str]]
+    session: str | None = None
+    user_message: dict[str, Any] | None = None
+    tools: set[str] = field(default_factory=set)
+
+
+@rpc.method("chat", params.Chat)
+async def chat(d, req, p: params.Chat) -> dict[str, Any]:
+    started = time.perf_counter()
+    spec_request = chat_settings.requested(p, d.drafters)
+    turn = await _prepare(d, p)
+    worker = await d.models.get(turn.p.model, backend=p.backend)
+    spec = dataclasses.replace(chat_settings.configured(d.config, worker.key), **spec_request)
+    draft = await d.models.draft_for(worker, spec.draft_model) if spec.wants_draft_model() else None
+    gens, tool_calls = await _generate(d, req, turn, worker, spec, draft, started)
+    gen = gens[-1]
+    stats = dataclasses.replace(gen.stats, completion_tokens=sum(g.stats.completion_tokens or 0 for g in gens),
+                                tool_calls=len(tool_calls) or None).as_dict()
+    worker.record(stats)
+    text = "".join(g.text for g in gens)
+    reply: dict[str, Any] = {"text": text, "finish_reason": gen.finish_reason, "stats": stats, "model": worker.key}
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    if turn.session is not None:
+        status = "complete" if gen.finish_reason != "cancelled" else "cancelled"
+        msg = await d.db(d.store.add_message, turn.session, "assistant", text, stats=stats, status=status)
+        reply.update(session=turn.session, message_id=msg["id"],
+                     user_message_id=turn.user_message["id"] if turn.user_message else None)
+    d.emit("chat.finished", {"session": turn.session, "model": worker.key, "finish_reason": gen.finish_reason,
+                             "completion_tokens": stats.get("completion_tokens"),
+                             "tokens_per_second": stats.get("tokens_per_second")})
+    return reply
+
+
+async def _prepare(d, p: params.Chat) -> Turn:
+    """The conversation: the request's messages, or the session's history and the new
+    message (stored now); the system prompt; the skills offered as tools."""
+    messages, user_text = conversation.from_request(p)
+    turn = Turn(p, messages)
+    if p.session is not None:
+        sess = await d.db(d.store.ensure_session, p.session, model=p.model, system_prompt=p.system)
+        if p.system is not None and sess.get("system_prompt") != p.system:
+            await d.db(d.store.update_session, p.session, system_prompt=p.system)
+            sess["system_prompt"] = p.system
+        turn.p = dataclasses.replace(p, model=p.model or sess.get("model"), system=sess.get("system_prompt"))
+        turn.session = p.session
+        turn.messages = conversation.history_messages(await d.db(d.store.messages, p.session))
+        turn.user_message = await d.db(d.store.add_message, p.session, "user", user_text)
+    if user_text is not None:
+        turn.messages.append({"role": "user", "content": user_text})
+    system = turn.p.system if turn.p.system is not None else d.config.system_prompt
+    turn.messages = conversation.with_system(turn.messages, system)
+    turn.tools = conversation.tools_param(p.tools, d.plugins.skills)
+    if turn.tools:
+        turn.messages = conversation.with_tools(turn.messages, turn.tools, d.plugins.skills)
+    turn.messages = conversation.alternate(turn.messages)
+    return turn
+
+
+async def _generate(d, req, turn: Turn, worker: ModelWorker, spec: chat_settings.SpecSettings,
+                    draft: Backend | None, started: float) -> tuple[list[GenerationResult], list[dict[str, Any]]]:
+    """Generate, running the skills the model calls and letting it go on, up to MAX_TOOL_ROUNDS."""
+    sampling, max_tokens = chat_settings.sampling(turn.p, d.config, worker.spec)
+    deltas = TextStream(req.conn, "chat.delta", {"id": req.id})
+
+    def work(messages: list[dict[str, str]]) -> GenerationResult:
+        backend = worker.backend
+        engine = chat_settings.engine(spec, backend, draft, d.drafters, d.calibration, worker.costs)  # bad ones fail here
+        prompt = backend.tokenize(backend.apply_chat_template(messages), special=True)
+        return generate(backend, prompt, sampling, max_tokens=max_tokens, stop=turn.p.stop, on_text=deltas.push,
+                        cancel=req.cancel, started=started, ignore_eos=turn.p.ignore_eos, speculative=engine,
+                        label=worker.key)
+
+    gens: list[GenerationResult] = []
+    tool_calls: list[dict[str, Any]] = []
+    messages = turn.messages
+    while True:
+        gens.append(await _run(worker, work, messages, deltas, spec))
+        gen = gens[-1]
+        calls = tools.parse_calls(gen.text) if turn.tools else []
+        if not calls or gen.finish_reason == "cancelled" or len(tool_calls) >= tools.MAX_TOOL_ROUNDS:
+            return gens, tool_calls
+        # The model asked for skills: run them, hand back the results, let it go on.
+        results = [await _run_tool(d, call, turn.tools, req) for call in calls]
+        tool_calls.extend(results)
+        messages = conversation.alternate(messages + [{"role": "assistant", "content": gen.text},
+                                                      tools.response_message(results)])
+
+
+async def _run(worker: ModelWorker, work, messages, deltas: TextStream,
+               spec: chat_settings.SpecSettings) -> GenerationResult:
+    """One generation on the model's thread, its errors as protocol errors."""
+    try:
+        return await worker.run(work, messages)
+    except ContextOverflowError as exc:
+        raise RPCError(ErrorCode.CONTEXT_OVERFLOW, str(exc), {"needed": exc.needed, "available": exc.available}) \
+            from None
+    except speculative.DraftModelError as exc:
+        raise RPCError(ErrorCode.MODEL_LOAD_FAILED, str(exc), {"draft_model": spec.draft_model}) from None
+    except speculative.DrafterError as exc:
+        raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+    finally:
+        deltas.flush()  # every delta goes out before the tool calls or the final response
+
+
+async def _run_tool(d, call: dict[str, Any], allowed: set[str], req) -> dict[str, Any]:
+    """Run one tool call the model made and tell the client (``chat.tool``)."""
+    if "error" in call:
+        result: dict[str, Any] = {"error": call["error"]}
+    elif call["name"] not in allowed:
+        result = {"name": call["name"], "error": f"no tool {call['name']!r}"}
+    else:
+        args = call["arguments"] if isinstance(call["arguments"], dict) else {}
+        try:
+            result = {"name": call["name"], "result": await d.call_skill(call["name"], args)}
+        except RPCError as exc:
+            result = {"name": call["name"], "error": exc.message}
+    req.conn.notify("chat.tool", {"id": req.id, **({"arguments": call.get("arguments")} if "name" in call else {}),
+                                  **result})
+    return result
