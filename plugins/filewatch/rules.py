@@ -188,8 +188,21 @@ def parse_rule(data: Any, where: str, base_dir: Path | None = None) -> Rule:
     ctx = _Ctx(rid, where)
     _unknown(data, {"id", "enabled", "trigger", "conditions", "actions", "mode", "max", "cooldown", "dry_run",
                     "allow_shell", "max_bytes", "description"}, ctx)
+    # The sections are checked in this order, so the first error reported
+    # for a rule with several is always the same one.
+    trigger = _parse_trigger(data.get("trigger"), ctx, base_dir)
+    conditions = _parse_conditions(data.get("conditions") or {}, ctx)
+    actions = _parse_actions(data.get("actions"), ctx)
+    rule = Rule(id=rid, trigger=trigger, actions=actions, conditions=conditions, source=where,
+                **_parse_run_options(data, ctx))
+    if any(a.type == "shell" for a in actions) and not rule.allow_shell:
+        raise ctx.error("actions", "a shell action needs `allow_shell: true` on the rule (and in the plugin settings)")
+    return rule
 
-    trig = data.get("trigger")
+
+def _parse_trigger(trig: Any, ctx: _Ctx, base_dir: Path | None) -> Trigger:
+    """The rule's ``trigger:`` section; relative paths are taken from ``base_dir``
+    (the rules file's folder) or else the working directory."""
     if not isinstance(trig, dict):
         raise ctx.error("trigger", f"expected a mapping with at least 'paths', got {trig!r}")
     _unknown(trig, {"paths", "globs", "ignore", "events", "debounce", "recursive"}, ctx, "trigger.")
@@ -206,7 +219,7 @@ def parse_rule(data: Any, where: str, base_dir: Path | None = None) -> Rule:
     for e in events:
         if e not in EVENT_KINDS:
             raise ctx.error("trigger.events", f"unknown event kind {e!r} (expected {', '.join(EVENT_KINDS)})")
-    trigger = Trigger(
+    return Trigger(
         paths=paths,
         globs=_strings(trig, "globs", ["*"], ctx, "trigger."),
         ignore=_strings(trig, "ignore", [], ctx, "trigger."),
@@ -216,21 +229,16 @@ def parse_rule(data: Any, where: str, base_dir: Path | None = None) -> Rule:
         recursive=_take(trig, "recursive", (bool,), True, ctx, "trigger."),
     )
 
-    cond = data.get("conditions") or {}
+
+def _parse_conditions(cond: Any, ctx: _Ctx) -> Conditions:
+    """The rule's ``conditions:`` section (an empty or missing one is ``{}``)."""
     if not isinstance(cond, dict):
         raise ctx.error("conditions", f"expected a mapping, got {cond!r}")
     _unknown(cond, {"min_size", "max_size", "extensions", "mime_types", "time_window"}, ctx, "conditions.")
     window = cond.get("time_window")
     if window is not None:
-        if not isinstance(window, dict):
-            raise ctx.error("conditions.time_window", "expected {start: HH:MM, end: HH:MM, days: [mon, ...]}")
-        _unknown(window, {"start", "end", "days"}, ctx, "conditions.time_window.")
-        _hhmm(window.get("start", "00:00"), ctx, "conditions.time_window.start")
-        _hhmm(window.get("end", "23:59"), ctx, "conditions.time_window.end")
-        for day in _strings(window, "days", list(DAYS), ctx, "conditions.time_window."):
-            if day not in DAYS:
-                raise ctx.error("conditions.time_window.days", f"unknown day {day!r} (expected {', '.join(DAYS)})")
-    conditions = Conditions(
+        _check_time_window(window, ctx)
+    return Conditions(
         min_size=_take(cond, "min_size", (int,), None, ctx, "conditions.", lambda v: v >= 0, "an integer >= 0"),
         max_size=_take(cond, "max_size", (int,), None, ctx, "conditions.", lambda v: v >= 0, "an integer >= 0"),
         extensions=[e if e.startswith(".") else "." + e for e in _strings(cond, "extensions", [], ctx, "conditions.")],
@@ -238,30 +246,42 @@ def parse_rule(data: Any, where: str, base_dir: Path | None = None) -> Rule:
         time_window=window,
     )
 
-    raw_actions = data.get("actions")
+
+def _check_time_window(window: Any, ctx: _Ctx) -> None:
+    """Validate ``conditions.time_window``; it is kept as written (the engine reads it)."""
+    if not isinstance(window, dict):
+        raise ctx.error("conditions.time_window", "expected {start: HH:MM, end: HH:MM, days: [mon, ...]}")
+    _unknown(window, {"start", "end", "days"}, ctx, "conditions.time_window.")
+    _hhmm(window.get("start", "00:00"), ctx, "conditions.time_window.start")
+    _hhmm(window.get("end", "23:59"), ctx, "conditions.time_window.end")
+    for day in _strings(window, "days", list(DAYS), ctx, "conditions.time_window."):
+        if day not in DAYS:
+            raise ctx.error("conditions.time_window.days", f"unknown day {day!r} (expected {', '.join(DAYS)})")
+
+
+def _parse_actions(raw_actions: Any, ctx: _Ctx) -> list[Action]:
+    """The rule's ``actions:`` list, each entry checked by _parse_action."""
     if not isinstance(raw_actions, list) or not raw_actions:
         raise ctx.error("actions", "expected a non-empty list of actions")
-    actions = [_parse_action(a, ctx, f"actions[{i}]") for i, a in enumerate(raw_actions)]
+    return [_parse_action(a, ctx, f"actions[{i}]") for i, a in enumerate(raw_actions)]
 
+
+def _parse_run_options(data: dict[str, Any], ctx: _Ctx) -> dict[str, Any]:
+    """How the rule runs (mode, max, cooldown, ...): Rule's keyword arguments."""
     mode = _take(data, "mode", (str,), "queued", ctx)
     if mode not in MODES:
         raise ctx.error("mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
-    rule = Rule(
-        id=rid, trigger=trigger, actions=actions, conditions=conditions,
-        enabled=_take(data, "enabled", (bool,), True, ctx),
-        mode=mode,
-        max=_take(data, "max", (int,), 4, ctx, check=lambda v: 1 <= v <= 64, expected="an integer from 1 to 64"),
-        cooldown=float(_take(data, "cooldown", (int, float), 0.0, ctx, check=lambda v: v >= 0,
-                             expected="a number of seconds >= 0")),
-        dry_run=_take(data, "dry_run", (bool,), False, ctx),
-        allow_shell=_take(data, "allow_shell", (bool,), False, ctx),
-        max_bytes=_take(data, "max_bytes", (int,), 1_000_000, ctx, check=lambda v: v > 0,
-                        expected="a positive integer"),
-        source=where,
-    )
-    if any(a.type == "shell" for a in actions) and not rule.allow_shell:
-        raise ctx.error("actions", "a shell action needs `allow_shell: true` on the rule (and in the plugin settings)")
-    return rule
+    return {
+        "enabled": _take(data, "enabled", (bool,), True, ctx),
+        "mode": mode,
+        "max": _take(data, "max", (int,), 4, ctx, check=lambda v: 1 <= v <= 64, expected="an integer from 1 to 64"),
+        "cooldown": float(_take(data, "cooldown", (int, float), 0.0, ctx, check=lambda v: v >= 0,
+                                expected="a number of seconds >= 0")),
+        "dry_run": _take(data, "dry_run", (bool,), False, ctx),
+        "allow_shell": _take(data, "allow_shell", (bool,), False, ctx),
+        "max_bytes": _take(data, "max_bytes", (int,), 1_000_000, ctx, check=lambda v: v > 0,
+                           expected="a positive integer"),
+    }
 
 
 _ACTION_KEYS = {
@@ -274,6 +294,7 @@ _ACTION_KEYS = {
 
 
 def _parse_action(data: Any, ctx: _Ctx, key: str) -> Action:
+    """One entry of ``actions:``: exactly one action type, and that type's options."""
     if not isinstance(data, dict):
         raise ctx.error(key, f"expected a mapping with one of {', '.join(ACTION_TYPES)}, got {data!r}")
     kinds = [t for t in ACTION_TYPES if t in data]
@@ -282,61 +303,89 @@ def _parse_action(data: Any, ctx: _Ctx, key: str) -> Action:
                              f"{', '.join(kinds) or 'none'}")
     kind = kinds[0]
     _unknown(data, _ACTION_KEYS[kind], ctx, key + ".")
+    return Action(kind, _ACTION_PARSERS[kind](data, ctx, key))
+
+
+def _prompt_options(data: dict[str, Any], ctx: _Ctx, key: str) -> dict[str, Any]:
     opts: dict[str, Any] = {}
-    if kind == "prompt":
-        opts["prompt"] = check_template(_take(data, "prompt", (str,), None, ctx, key + "."), ctx, key + ".prompt")
-        if data.get("system") is not None:
-            opts["system"] = check_template(_take(data, "system", (str,), None, ctx, key + "."), ctx,
-                                            key + ".system")
-        opts["model"] = _take(data, "model", (str,), None, ctx, key + ".")
-        opts["max_tokens"] = _take(data, "max_tokens", (int,), 256, ctx, key + ".", lambda v: v >= 1,
-                                   "an integer >= 1")
-        opts["temperature"] = float(_take(data, "temperature", (int, float), 0.0, ctx, key + ".",
-                                          lambda v: v >= 0, "a number >= 0"))
-        opts["draft"] = _take(data, "draft", (str,), None, ctx, key + ".")
-    elif kind == "skill":
-        opts["skill"] = _take(data, "skill", (str,), None, ctx, key + ".")
-        args = data.get("arguments") or {}
-        if not isinstance(args, dict):
-            raise ctx.error(key + ".arguments", f"expected a mapping, got {args!r}")
-        for k, v in args.items():
-            if isinstance(v, str):
-                check_template(v, ctx, f"{key}.arguments.{k}")
-        opts["arguments"] = args
-    elif kind == "write":
-        w = data["write"]
-        if isinstance(w, str):
-            w = {"to": w}
-        if not isinstance(w, dict):
-            raise ctx.error(key + ".write", "expected a path template or {to: ..., content: ...} or {in_place: true}")
-        _unknown(w, {"to", "in_place", "backup", "content"}, ctx, key + ".write.")
-        in_place = _take(w, "in_place", (bool,), False, ctx, key + ".write.")
-        to = w.get("to")
-        if in_place == (to is not None):
-            raise ctx.error(key + ".write", "give either `to: <path template>` (a sidecar) or `in_place: true`")
-        opts["to"] = check_template(to, ctx, key + ".write.to") if to is not None else None
-        opts["in_place"] = in_place
-        backup = w.get("backup", "{path}.bak" if in_place else None)
-        if backup is True:
-            backup = "{path}.bak"
-        opts["backup"] = check_template(backup, ctx, key + ".write.backup") if backup else None
-        opts["content"] = check_template(_take(w, "content", (str,), "{output}", ctx, key + ".write."), ctx,
-                                         key + ".write.content")
-    elif kind == "emit":
-        e = data["emit"]
-        if isinstance(e, str):
-            e = {"message": e}
-        if not isinstance(e, dict):
-            raise ctx.error(key + ".emit", "expected a message template or {type: ..., message: ...}")
-        _unknown(e, {"type", "message"}, ctx, key + ".emit.")
-        opts["type"] = _take(e, "type", (str,), "automation.note", ctx, key + ".emit.")
-        opts["message"] = check_template(_take(e, "message", (str,), "{rule}: {name}", ctx, key + ".emit."), ctx,
-                                         key + ".emit.message")
-    else:
-        opts["shell"] = check_template(_take(data, "shell", (str,), None, ctx, key + "."), ctx, key + ".shell")
-        opts["timeout"] = float(_take(data, "timeout", (int, float), 60, ctx, key + ".", lambda v: v > 0,
-                                      "a positive number of seconds"))
-    return Action(kind, opts)
+    opts["prompt"] = check_template(_take(data, "prompt", (str,), None, ctx, key + "."), ctx, key + ".prompt")
+    if data.get("system") is not None:
+        opts["system"] = check_template(_take(data, "system", (str,), None, ctx, key + "."), ctx,
+                                        key + ".system")
+    opts["model"] = _take(data, "model", (str,), None, ctx, key + ".")
+    opts["max_tokens"] = _take(data, "max_tokens", (int,), 256, ctx, key + ".", lambda v: v >= 1,
+                               "an integer >= 1")
+    opts["temperature"] = float(_take(data, "temperature", (int, float), 0.0, ctx, key + ".",
+                                      lambda v: v >= 0, "a number >= 0"))
+    opts["draft"] = _take(data, "draft", (str,), None, ctx, key + ".")
+    return opts
+
+
+def _skill_options(data: dict[str, Any], ctx: _Ctx, key: str) -> dict[str, Any]:
+    skill = _take(data, "skill", (str,), None, ctx, key + ".")
+    args = data.get("arguments") or {}
+    if not isinstance(args, dict):
+        raise ctx.error(key + ".arguments", f"expected a mapping, got {args!r}")
+    for k, v in args.items():
+        if isinstance(v, str):
+            check_template(v, ctx, f"{key}.arguments.{k}")
+    return {"skill": skill, "arguments": args}
+
+
+def _write_options(data: dict[str, Any], ctx: _Ctx, key: str) -> dict[str, Any]:
+    w = data["write"]
+    if isinstance(w, str):
+        w = {"to": w}
+    if not isinstance(w, dict):
+        raise ctx.error(key + ".write", "expected a path template or {to: ..., content: ...} or {in_place: true}")
+    _unknown(w, {"to", "in_place", "backup", "content"}, ctx, key + ".write.")
+    in_place = _take(w, "in_place", (bool,), False, ctx, key + ".write.")
+    to = w.get("to")
+    if in_place == (to is not None):
+        raise ctx.error(key + ".write", "give either `to: <path template>` (a sidecar) or `in_place: true`")
+    opts: dict[str, Any] = {}
+    opts["to"] = check_template(to, ctx, key + ".write.to") if to is not None else None
+    opts["in_place"] = in_place
+    backup = w.get("backup", "{path}.bak" if in_place else None)
+    if backup is True:
+        backup = "{path}.bak"
+    opts["backup"] = check_template(backup, ctx, key + ".write.backup") if backup else None
+    opts["content"] = check_template(_take(w, "content", (str,), "{output}", ctx, key + ".write."), ctx,
+                                     key + ".write.content")
+    return opts
+
+
+def _emit_options(data: dict[str, Any], ctx: _Ctx, key: str) -> dict[str, Any]:
+    e = data["emit"]
+    if isinstance(e, str):
+        e = {"message": e}
+    if not isinstance(e, dict):
+        raise ctx.error(key + ".emit", "expected a message template or {type: ..., message: ...}")
+    _unknown(e, {"type", "message"}, ctx, key + ".emit.")
+    return {
+        "type": _take(e, "type", (str,), "automation.note", ctx, key + ".emit."),
+        "message": check_template(_take(e, "message", (str,), "{rule}: {name}", ctx, key + ".emit."), ctx,
+                                  key + ".emit.message"),
+    }
+
+
+def _shell_options(data: dict[str, Any], ctx: _Ctx, key: str) -> dict[str, Any]:
+    return {
+        "shell": check_template(_take(data, "shell", (str,), None, ctx, key + "."), ctx, key + ".shell"),
+        "timeout": float(_take(data, "timeout", (int, float), 60, ctx, key + ".", lambda v: v > 0,
+                               "a positive number of seconds")),
+    }
+
+
+# One options parser per action type, each given (the action's mapping, the
+# context, its key such as "actions[0]").
+_ACTION_PARSERS = {
+    "prompt": _prompt_options,
+    "skill": _skill_options,
+    "write": _write_options,
+    "emit": _emit_options,
+    "shell": _shell_options,
+}
 
 
 def load_rules(settings: dict[str, Any], default_rules_file: Path | None = None
