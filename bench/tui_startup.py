@@ -45,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "tests"))  # tui_fake: the canned daemon the stream bench runs against
 
 from assistant.testing import DaemonProcess, isolated_env, short_socket_path, socket_answers  # noqa: E402
 
@@ -217,7 +218,7 @@ def synthetic_tokens(n: int) -> list[str]:
 
 async def bench_stream(n_tokens: int, rate: float) -> dict[str, object]:
     from assistant.tui.app import AssistantApp
-    from assistant.tui.fake import FakeClient
+    from tui_fake import FakeClient
     from assistant.tui.widgets.chat import ChatInput, ChatView
 
     tokens = synthetic_tokens(n_tokens)

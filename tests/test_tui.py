@@ -18,9 +18,11 @@ from assistant.protocol import PROTOCOL_VERSION
 from assistant.testing import run_cli, short_socket_path
 from assistant.tui import connection
 from assistant.tui.app import AssistantApp
+from assistant.tui.screens.attach_flow import attach_path
 from assistant.tui.screens.dialogs import ConfirmDialog, InputDialog
 from assistant.tui.screens.help import HelpScreen
 from assistant.tui.screens.plugins import PluginsScreen
+from assistant.tui.screens.reply_flow import chat_params
 from assistant.tui.screens.settings import SettingsScreen
 from assistant.tui.widgets.activity import ActivityPanel
 from assistant.tui.widgets.chat import ChatInput, ChatView, MessageView
@@ -95,7 +97,7 @@ async def test_question_streams_answer_and_fills_the_footer(daemon_factory, monk
         await connected(pilot)
         assert status_text(app).startswith("● connected")
         await type_and_send(pilot, QUESTION)
-        await until(pilot, lambda: not app.busy and app.query_one(ChatView).last("assistant") is not None,
+        await until(pilot, lambda: not app.chat_screen.busy and app.query_one(ChatView).last("assistant") is not None,
                     "the reply", REPLY)
         reply = app.query_one(ChatView).last("assistant")
         assert "Paris" in reply.text
@@ -108,9 +110,9 @@ async def test_question_streams_answer_and_fills_the_footer(daemon_factory, monk
         status = status_text(app)
         for part in ("smollm2-135m", "llama.cpp", "tok/s", "TTFT", "ctx "):
             assert part in status, (part, status)
-        assert app.last_stats["completion_tokens"] > 0
+        assert app.chat_screen.last_stats["completion_tokens"] > 0
         # The message is persisted in the daemon's session, and the session got a title.
-        data = await session_data(daemon, app.session["id"])
+        data = await session_data(daemon, app.chat_screen.session["id"])
         assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
         assert data["messages"][1]["content"] == reply.text
         assert data["title"] == QUESTION
@@ -132,14 +134,14 @@ async def test_escape_cancels_the_reply(daemon_factory):
         await until(pilot, lambda: (v := app.query_one(ChatView).last("assistant")) is not None and v.text,
                     "the first words of the reply", REPLY)
         await pilot.press("escape")
-        await until(pilot, lambda: not app.busy, "the cancelled reply to end", REPLY)
+        await until(pilot, lambda: not app.chat_screen.busy, "the cancelled reply to end", REPLY)
         reply = app.query_one(ChatView).last("assistant")
         assert reply.note == "cancelled"
         assert reply.has_class("-cancelled")
-        data = await session_data(daemon, app.session["id"])
+        data = await session_data(daemon, app.chat_screen.session["id"])
         assert data["messages"][-1]["status"] == "cancelled"
         assert data["messages"][-1]["content"] == reply.text
-        assert app.last_stats["completion_tokens"] < 512
+        assert app.chat_screen.last_stats["completion_tokens"] < 512
 
 
 async def test_newline_key_and_history(daemon_factory):
@@ -151,7 +153,7 @@ async def test_newline_key_and_history(daemon_factory):
         chat_input.focus()
         await pilot.press("a", "ctrl+j", "b")
         assert chat_input.text == "a\nb"
-        assert not app.busy  # ctrl+j did not send
+        assert not app.chat_screen.busy  # ctrl+j did not send
         chat_input.input_history[:] = ["first", "second"]
         chat_input.text = ""
         await pilot.press("up")
@@ -170,16 +172,16 @@ async def test_regenerate_replaces_the_last_reply(daemon_factory):
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot)
         await type_and_send(pilot, QUESTION)
-        await until(pilot, lambda: not app.busy and app.query_one(ChatView).last("assistant") is not None, "reply",
-                    REPLY)
+        await until(pilot, lambda: not app.chat_screen.busy and app.query_one(ChatView).last("assistant") is not None,
+                    "reply", REPLY)
         first = app.query_one(ChatView).last("assistant").text
         await pilot.press("ctrl+r")
         await pilot.pause(0.2)
-        await until(pilot, lambda: not app.busy, "the regenerated reply", REPLY)
+        await until(pilot, lambda: not app.chat_screen.busy, "the regenerated reply", REPLY)
         views = app.query_one(ChatView).messages()
         assert [v.role for v in views] == ["user", "assistant"]
         assert views[1].text == first  # greedy: the same answer again
-        data = await session_data(daemon, app.session["id"])
+        data = await session_data(daemon, app.chat_screen.session["id"])
         assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
 
 
@@ -189,8 +191,8 @@ async def test_copy_uses_the_clipboard(daemon_factory):
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot)
         await type_and_send(pilot, QUESTION)
-        await until(pilot, lambda: not app.busy and app.query_one(ChatView).last("assistant") is not None, "reply",
-                    REPLY)
+        await until(pilot, lambda: not app.chat_screen.busy and app.query_one(ChatView).last("assistant") is not None,
+                    "reply", REPLY)
         await pilot.press("alt+c")
         assert app.clipboard == app.query_one(ChatView).last("assistant").text
         # A focused message is the one copied.
@@ -212,17 +214,17 @@ async def test_switch_session_from_the_sidebar(daemon_factory):
     app = tui(daemon)
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot)
-        assert app.session["id"] == beta["id"]  # the most recent
+        assert app.chat_screen.session["id"] == beta["id"]  # the most recent
         assert app.query_one(ChatView).messages() == []
         sidebar = app.query_one(SessionSidebar)
         assert [s["title"] for s in sidebar.sessions] == ["Beta", "Alpha"]
         app.query_one("#session-list").focus()
         await pilot.press("down", "enter")
-        await until(pilot, lambda: app.session["id"] == alpha["id"], "the switch to Alpha")
+        await until(pilot, lambda: app.chat_screen.session["id"] == alpha["id"], "the switch to Alpha")
         await until(pilot, lambda: len(app.query_one(ChatView).messages()) == 2, "Alpha's messages")
         views = app.query_one(ChatView).messages()
         assert "Paris" in views[1].text
-        assert app.sub_title == "Alpha"
+        assert app.chat_screen.sub_title == "Alpha"
         # The footer shows the figures of the session's last reply.
         assert "tok/s" in status_text(app) and "TTFT" in status_text(app)
 
@@ -232,17 +234,17 @@ async def test_new_rename_export_delete_session(daemon_factory, tmp_path):
     app = tui(daemon, cwd=tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot)
-        first = app.session["id"]
+        first = app.chat_screen.session["id"]
         await pilot.press("ctrl+n")
-        await until(pilot, lambda: app.session["id"] != first, "a new session")
-        second = app.session["id"]
-        assert len(app.sessions) == 2
+        await until(pilot, lambda: app.chat_screen.session["id"] != first, "a new session")
+        second = app.chat_screen.session["id"]
+        assert len(app.chat_screen.sessions) == 2
         # rename
         await pilot.press("f2")
         await until(pilot, lambda: isinstance(app.screen, InputDialog), "the rename dialog")
         app.screen.query_one("Input").value = ""
         await pilot.press(*"Trip plans", "enter")
-        await until(pilot, lambda: app.session.get("title") == "Trip plans", "the rename")
+        await until(pilot, lambda: app.chat_screen.session.get("title") == "Trip plans", "the rename")
         assert (await session_data(daemon, second))["title"] == "Trip plans"
         assert app.query_one(SessionSidebar).sessions[0]["title"] == "Trip plans"
         # export: a missing folder is refused in the dialog, then a good path works
@@ -261,7 +263,8 @@ async def test_new_rename_export_delete_session(daemon_factory, tmp_path):
         await pilot.press("f8")
         await until(pilot, lambda: isinstance(app.screen, ConfirmDialog), "the confirmation")
         await pilot.press("y")
-        await until(pilot, lambda: app.session is not None and app.session["id"] == first, "the delete")
+        await until(pilot, lambda: app.chat_screen.session is not None and app.chat_screen.session["id"] == first,
+                    "the delete")
         async with await daemon.client() as c:
             ids = [s["id"] for s in (await c.call("sessions.list"))["sessions"]]
         assert second not in ids and first in ids
@@ -286,10 +289,10 @@ async def test_settings_screen_saves_through_the_daemon(daemon_factory):
         await pilot.press("ctrl+s")  # the screen's save key (a Button ignores a second click within 0.2 s)
         await until(pilot, lambda: not isinstance(app.screen, SettingsScreen), "the screen to close")
         await until(pilot, lambda: "Session settings saved." in notifications(app), "the save")
-        data = await session_data(daemon, app.session["id"])
+        data = await session_data(daemon, app.chat_screen.session["id"])
         assert data["system_prompt"] == "You answer in French."
         assert data["settings"] == {"temperature": 0.3, "max_tokens": 64, "draft": "ngram"}
-        params = app.chat_params("hi")
+        params = chat_params(app.chat_screen.session, "hi")
         assert params["temperature"] == 0.3 and params["max_tokens"] == 64 and params["draft"] == "ngram"
 
 
@@ -305,7 +308,7 @@ async def test_model_switch_from_the_command_palette(daemon_factory):
         await pilot.pause(0.5)
         await pilot.press("enter")
         await until(pilot, lambda: app.loaded.get("smollm2-135m") == "llama.cpp", "the model to load", REPLY)
-        assert (await session_data(daemon, app.session["id"]))["model"] == "smollm2-135m"
+        assert (await session_data(daemon, app.chat_screen.session["id"]))["model"] == "smollm2-135m"
         assert "smollm2-135m · llama.cpp" in status_text(app)
 
 
@@ -370,16 +373,16 @@ async def test_attachment_goes_to_the_vision_skill(assistant_daemon_factory, tmp
         assert f"No such file: {tmp_path / 'nothere.png'}" in str(app.screen.query_one("#dialog-error").render())
         app.screen.query_one("Input").value = "square.png"
         await pilot.press("enter")
-        await until(pilot, lambda: app.attachment is not None, "the attachment")
+        await until(pilot, lambda: app.chat_screen.attachment is not None, "the attachment")
         assert "image square.png -> vision.describe" in str(app.query_one("#attachment").render())
         await type_and_send(pilot, "What is in this picture?")
-        await until(pilot, lambda: not app.busy and app.query_one(ChatView).last("assistant") is not None, "reply",
-                    REPLY)
-        data = await session_data(daemon, app.session["id"])
+        await until(pilot, lambda: not app.chat_screen.busy and app.query_one(ChatView).last("assistant") is not None,
+                    "reply", REPLY)
+        data = await session_data(daemon, app.chat_screen.session["id"])
         sent = data["messages"][0]["content"]
         assert sent.startswith("What is in this picture?")
         assert "A small red square on a white background." in sent
-        assert app.attachment is None
+        assert app.chat_screen.attachment is None
 
 
 async def test_attachment_without_a_skill_or_file_is_a_clear_message(daemon_factory, tmp_path):
@@ -389,19 +392,20 @@ async def test_attachment_without_a_skill_or_file_is_a_clear_message(daemon_fact
     app = tui(daemon, cwd=tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot)
-        problem = app.attach_path(str(song))
+        problem = attach_path(app.chat_screen, str(song))
         assert problem.startswith("No skill handles audio")
         assert "audio plugin" in problem
-        assert app.attach_path(str(tmp_path / "missing.png")) == f"No such file: {tmp_path / 'missing.png'}"
+        missing = tmp_path / "missing.png"
+        assert attach_path(app.chat_screen, str(missing)) == f"No such file: {missing}"
         notes = tmp_path / "notes.txt"
         notes.write_text("hi")
-        assert "not an image or audio file" in app.attach_path(str(notes))
+        assert "not an image or audio file" in attach_path(app.chat_screen, str(notes))
         if os.geteuid() != 0:  # root reads everything
             locked = tmp_path / "locked.png"
             locked.write_bytes(b"x")
             locked.chmod(0)
-            assert "permission denied" in app.attach_path(str(locked))
-        assert app.attachment is None
+            assert "permission denied" in attach_path(app.chat_screen, str(locked))
+        assert app.chat_screen.attachment is None
         await pilot.pause()
         assert "No such file" in notifications(app)
 
@@ -414,12 +418,12 @@ async def test_bindings_from_config_and_help_screen(daemon_factory):
     app = tui(daemon, bindings={"new_session": "ctrl+g", "help": "f12"})
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot)
-        first = app.session["id"]
+        first = app.chat_screen.session["id"]
         await pilot.press("ctrl+n")  # no longer bound
         await pilot.pause(0.3)
-        assert app.session["id"] == first
+        assert app.chat_screen.session["id"] == first
         await pilot.press("ctrl+g")
-        await until(pilot, lambda: app.session["id"] != first, "a new session from the remapped key")
+        await until(pilot, lambda: app.chat_screen.session["id"] != first, "a new session from the remapped key")
         await pilot.press("f12")
         await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen")
         table = app.screen.query_one("#help-table")
@@ -480,7 +484,7 @@ async def test_reconnects_when_the_daemon_comes_back(daemon_factory, monkeypatch
     app = tui(daemon)
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot)
-        sid = app.session["id"]
+        sid = app.chat_screen.session["id"]
         daemon.stop()
         await until(pilot, lambda: app.conn_state == "waiting", "the TUI to notice")
         banner = str(app.query_one("#banner").render())
@@ -492,7 +496,7 @@ async def test_reconnects_when_the_daemon_comes_back(daemon_factory, monkeypatch
         assert app.query_one(ChatInput).text == "hello?"
         again = daemon_factory(config_text=NO_MODEL, socket_path=daemon.socket).start()
         await until(pilot, lambda: app.conn_state == "connected", "the reconnect")
-        assert app.session["id"] == sid  # the same session, reloaded
+        assert app.chat_screen.session["id"] == sid  # the same session, reloaded
         assert not app.query_one("#banner").has_class("-shown")
         again.stop()
 
@@ -590,6 +594,27 @@ async def test_a_bug_is_a_message_not_a_traceback(daemon_factory):
     assert "Traceback" not in printed and "tui.log" in printed
 
 
+async def test_a_failing_chat_screen_worker_is_a_message_too():
+    """The chat screen runs its own workers (sending, dialogs); their state changes reach the
+    screen, not the app (Textual does not bubble them): a failure still becomes a notification."""
+    from tui_fake import FakeClient
+
+    async def factory(on_starting, start):
+        return FakeClient()
+
+    app = AssistantApp(client_factory=factory, history_file=None, safety_net=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+
+        async def broken_flow(screen):
+            raise ValueError("flow broke")
+
+        app.chat_screen.run_flow(broken_flow)
+        await until(pilot, lambda: "Something went wrong: ValueError: flow broke" in notifications(app),
+                    "the message")
+        assert app.is_running
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
@@ -612,6 +637,47 @@ def test_tui_package_imports_no_textual_for_the_config():
     assert Path(__file__).parents[1].joinpath("assistant", "tui", "app.tcss").exists()
 
 
+def test_config_and_tui_do_not_import_each_other():
+    """The config reads the actions table from assistant.keymap: loading it imports no TUI module,
+    and the TUI's keys import no config (YAML, the schema): a start without a config file stays light."""
+    import subprocess
+    import sys
+
+    code = "import sys, assistant.config; print(sorted(m for m in sys.modules if m.startswith('assistant.tui')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    code = "import sys, assistant.tui.keys; print('assistant.config' in sys.modules, 'yaml' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False False"
+
+
+def test_every_action_is_bound_once_by_the_app_or_the_chat_screen():
+    """Each action with a key is bound where it runs: app-wide ones by the app, the chat's by the
+    chat screen (which also shows Quit first in its footer), all under their ids for the keymap."""
+    from assistant.keymap import ACTIONS
+    from assistant.tui.keys import APP_ACTIONS
+    from assistant.tui.screens.chat import ChatScreen
+
+    app_ids = [b.id for b in AssistantApp.BINDINGS]
+    chat_ids = [b.id for b in ChatScreen.BINDINGS]
+    bound = [a.id for a in ACTIONS if a.action]
+    assert sorted(app_ids) == sorted(APP_ACTIONS)
+    assert chat_ids[0] == "quit" and ChatScreen.BINDINGS[0].action == "app.quit"
+    assert chat_ids[1:] == [i for i in bound if i not in APP_ACTIONS]
+    for binding in ChatScreen.BINDINGS[1:]:
+        assert hasattr(ChatScreen, f"action_{binding.action}"), binding
+    for binding in AssistantApp.BINDINGS:
+        assert hasattr(AssistantApp, f"action_{binding.action}"), binding
+
+
+def test_the_canned_daemon_is_not_in_the_package():
+    root = Path(__file__).parents[1]
+    assert not (root / "assistant" / "tui" / "fake.py").exists()
+    for path in (root / "assistant").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "tui_fake" not in text and "assistant.tui.fake" not in text, path
+
+
 # -- the fast start, and the status line's figures --------------------------------------------------
 
 
@@ -628,11 +694,11 @@ async def test_prefetched_connection_shows_the_session_in_the_first_frame(daemon
     async with app.run_test(size=SIZE) as pilot:
         # Before any daemon call of the app's own: the first frame is complete and interactive.
         assert app.conn_state == "connected"
-        assert app.session["id"] == newest["id"]
+        assert app.chat_screen.session["id"] == newest["id"]
         assert [s["title"] for s in app.query_one(SessionSidebar).sessions] == ["Newest", "Older"]
         await connected(pilot)
         assert app.client is client
-        assert older["id"] in [s["id"] for s in app.sessions]
+        assert older["id"] in [s["id"] for s in app.chat_screen.sessions]
     # No daemon: nothing prefetched, the app does the connecting (and shows it).
     assert await prefetch(str(short_socket_path())) == (None, None)
 
@@ -648,8 +714,8 @@ def test_status_line_shows_the_last_replys_figures():
 
 
 async def test_input_history_is_kept_between_runs(tmp_path):
-    from assistant.tui.app import append_history, load_history
-    from assistant.tui.fake import FakeClient
+    from assistant.tui.history import append_history, load_history
+    from tui_fake import FakeClient
 
     path = tmp_path / "state" / "tui-history.jsonl"
     assert load_history(path) == []
@@ -669,7 +735,7 @@ async def test_input_history_is_kept_between_runs(tmp_path):
         assert app.query_one(ChatInput).text == "a\nmulti-line one"
         app.query_one(ChatInput).text = "third"
         await pilot.press("enter")
-        await until(pilot, lambda: not app.busy, "the fake reply")
+        await until(pilot, lambda: not app.chat_screen.busy, "the fake reply")
     assert load_history(path)[-1] == "third"
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from assistant.tui.app import AssistantApp
-from assistant.tui.fake import FakeClient
+from tui_fake import FakeClient
 
 SIZE = (120, 36)
 

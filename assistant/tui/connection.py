@@ -109,3 +109,13 @@ def _failure(exc: BaseException, sock: Path) -> BaseException:
     if isinstance(exc, OSError):
         return ConnectFailure(f"Cannot connect to {sock}: {exc.strerror or exc}.", retry=False)
     return ConnectFailure(f"Cannot connect to {sock}: {type(exc).__name__}: {exc}", retry=False)
+
+
+# What a daemon call can fail with once connected (AttributeError: the connection went away
+# meanwhile, and the app's client is None).
+CALL_FAILURES = (RPCError, ConnectionError, AttributeError)
+
+
+def failure_text(exc: BaseException) -> str:
+    """What went wrong with a daemon call, in the daemon's words when it said something."""
+    return str(getattr(exc, "message", exc))

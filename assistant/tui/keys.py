@@ -1,63 +1,38 @@
-"""The TUI's actions and their default keys.
+"""The TUI's key bindings, built from the table of actions in ``assistant.keymap``.
 
-This module imports nothing heavy: the config schema reads it to offer
-``tui.bindings`` (action -> key), so every action here is a config key and
-``config.example.yaml`` documents it. Keys use Textual's names (``ctrl+n``,
-``f2``, ``escape``, ``alt+c``); several keys for one action are separated by
-commas (``shift+enter,ctrl+j``).
+The table (ids, default keys, descriptions) is shared with the config schema
+(``tui.bindings``); this module adds what only the TUI needs: the keys in
+effect once the config's bindings apply, how keys are shown, and which
+screen runs each action. The app runs the app-wide actions (``APP_ACTIONS``);
+the chat screen runs the rest. Both bind their keys with :func:`key_bindings`,
+under the action's id, so ``App.set_keymap`` remaps every one of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Iterable
 
+from textual.binding import Binding
 
-@dataclass(frozen=True)
-class Action:
-    id: str  # the config key and the Textual binding id
-    key: str  # default key(s)
-    description: str  # shown in the footer, the help screen and the command palette
-    action: str  # the Textual action it runs ("" for keys the chat input handles itself)
-    footer: bool = True  # shown in the footer (False: shown when the widget it is about has focus)
-    help: str = ""  # longer text for the help screen and the palette
+from assistant.keymap import ACTIONS, Action
 
-
-ACTIONS: tuple[Action, ...] = (
-    # The chat input handles these itself (they only act while it has focus).
-    Action("send", "enter", "Send", "", footer=False, help="Send the message."),
-    Action("newline", "shift+enter,ctrl+j", "New line", "", footer=False,
-           help="Insert a new line (Shift+Enter needs a terminal that reports it)."),
-    Action("history_previous", "up", "Previous input", "", footer=False,
-           help="Recall the previous message you sent (from the first line)."),
-    Action("history_next", "down", "Next input", "", footer=False,
-           help="Recall the next message you sent (from the last line)."),
-    # App-wide actions.
-    Action("cancel", "escape", "Cancel", "cancel", help="Stop the reply being generated (it is kept as it is)."),
-    Action("regenerate", "ctrl+r", "Regen", "regenerate",
-           help="Replace the last reply with a new one to the same message."),
-    Action("copy", "alt+c", "Copy", "copy",
-           help="Copy the selected message or the last reply (OSC 52: works over ssh)."),
-    Action("attach", "ctrl+o", "Attach", "attach", help="Attach an image or audio file to the next message."),
-    Action("new_session", "ctrl+n", "New", "new_session", help="Start a new chat session."),
-    Action("rename_session", "f2", "Rename", "rename_session", footer=False, help="Rename the current session."),
-    Action("delete_session", "f8", "Delete", "delete_session", footer=False,
-           help="Delete the current session (asks first)."),
-    Action("export_session", "ctrl+s", "Export", "export_session", footer=False,
-           help="Export the current session to a Markdown file."),
-    Action("toggle_sidebar", "ctrl+b", "Sessions", "toggle_sidebar", help="Show or hide the sessions sidebar."),
-    Action("toggle_activity", "ctrl+t", "Activity", "toggle_activity",
-           help="Show or hide the live activity panel (daemon and automations)."),
-    Action("settings", "f3", "Settings", "settings",
-           help="Session settings: system prompt, sampling, model, backend, drafter."),
-    Action("plugins", "f4", "Plugins", "plugins", help="Plugins and their status, and the skills they offer."),
-    Action("help", "f1", "Help", "help", help="This list of keys."),
-    Action("reconnect", "f9", "Reconnect", "reconnect", footer=False,
-           help="Connect to the daemon again, starting it if it is not running."),
-    Action("quit", "ctrl+q", "Quit", "quit", help="Leave the TUI (the daemon keeps running)."),
-)
+__all__ = ["ACTIONS", "Action", "APP_ACTIONS", "BY_ID", "DEFAULT_KEYS", "display_key",
+           "effective_keys", "key_bindings", "key_list"]
 
 BY_ID = {a.id: a for a in ACTIONS}
 DEFAULT_KEYS: dict[str, str] = {a.id: a.key for a in ACTIONS}
+
+# Actions about the app rather than the conversation: they work on any screen the app shows.
+APP_ACTIONS = frozenset({"plugins", "help", "reconnect", "quit"})
+
+
+def key_bindings(ids: Iterable[str], namespace: str = "", show: bool | None = None) -> list[Binding]:
+    """Textual bindings for these actions: their default keys, remapped by the app's keymap
+    through their ids. ``namespace`` (``"app"``, ``"screen"``) prefixes the action, for a node
+    whose keys run another node's actions; ``show``: in the footer (None: the action's ``footer``)."""
+    prefix = f"{namespace}." if namespace else ""
+    return [Binding(BY_ID[i].key, prefix + BY_ID[i].action, BY_ID[i].description,
+                    show=BY_ID[i].footer if show is None else show, id=i) for i in ids]
 
 
 def effective_keys(overrides: dict[str, str] | None) -> dict[str, str]:
@@ -70,6 +45,7 @@ def effective_keys(overrides: dict[str, str] | None) -> dict[str, str]:
 
 
 def key_list(keys: str) -> list[str]:
+    """``"shift+enter,ctrl+j"`` -> ``["shift+enter", "ctrl+j"]``."""
     return [k.strip() for k in keys.split(",") if k.strip()]
 
 

@@ -22,7 +22,7 @@ ROLE_LABEL = {"user": "You", "assistant": "Assistant", "system": "System", "erro
 class MessageView(Vertical, can_focus=True):
     """One message. Focus it (click, or Tab) and press the copy key to copy it."""
 
-    BINDINGS = [Binding("alt+c", "app.copy", "Copy message", id="copy")]
+    BINDINGS = [Binding("alt+c", "screen.copy", "Copy message", id="copy")]  # the chat screen copies
 
     def __init__(self, role: str, text: str = "", *, message_id: int | None = None, note: str = "",
                  model: str | None = None, status: str = "complete", **kwargs: Any):

@@ -6,15 +6,15 @@ from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Label, ListItem, ListView
 
 from assistant.tui.format import session_title
-from assistant.tui.keys import BY_ID
+from assistant.tui.keys import key_bindings
 
-# Shown in the footer while the sidebar has focus (they work everywhere: the app binds them too).
+# Shown in the footer while the sidebar has focus (they work everywhere: the chat screen binds
+# them too, and runs them).
 _SESSION_ACTIONS = ("new_session", "rename_session", "delete_session", "export_session")
 
 
@@ -33,8 +33,7 @@ class SessionItem(ListItem):
 class SessionSidebar(Vertical):
     """The list of sessions; choosing one posts ``SessionSidebar.Chosen``."""
 
-    BINDINGS = [Binding(BY_ID[i].key, f"app.{BY_ID[i].action}", BY_ID[i].description, id=i)
-                for i in _SESSION_ACTIONS]
+    BINDINGS = key_bindings(_SESSION_ACTIONS, "screen", show=True)
 
     class Chosen(Message):
         def __init__(self, session_id: str):

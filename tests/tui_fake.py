@@ -4,6 +4,8 @@ The snapshot tests render the TUI against it (no daemon, no clock, no pids,
 no paths), and ``bench/tui_startup.py`` streams a synthetic reply through it
 at a fixed rate. It answers the methods the TUI uses, the same shapes as the
 daemon (see docs/protocol.md). Behaviour tests use the real daemon instead.
+It lives in tests/, not in the package: nothing the TUI ships runs against
+it. The app takes it through ``AssistantApp(client_factory=...)``.
 """
 
 from __future__ import annotations
