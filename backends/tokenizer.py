@@ -147,7 +147,7 @@ def _int_or_none(value: Any) -> int | None:
 
 def from_gguf_metadata(meta: dict[str, Any], *, source: str = "the GGUF file") -> TextTokenizer:
     """A tokenizer from GGUF metadata (plain Python values: lists, ints, strings)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken
 
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -163,49 +163,9 @@ def from_gguf_metadata(meta: dict[str, Any], *, source: str = "the GGUF file") -
     notes: dict[str, str] = {}
 
     if kind == "gpt2":
-        merges_raw = meta.get("tokenizer.ggml.merges") or []
-        merges = [tuple(m.split(" ", 1)) for m in merges_raw if " " in m]
-        pre = str(meta.get("tokenizer.ggml.pre") or "default")
-        splits, ignore_merges = _PRE_SPLITS.get(pre, _PRE_SPLITS["default"])
-        if pre not in _PRE_SPLITS:
-            notes["tokenizer"] = f"byte-level BPE; pre-tokenizer {pre!r} unknown here, using GPT-2's split"
-        else:
-            notes["tokenizer"] = f"byte-level BPE from the GGUF vocabulary (pre-tokenizer {pre!r})"
-        tk = Tokenizer(models.BPE(vocab=dict(token_to_id), merges=merges, ignore_merges=ignore_merges))
-        steps = []
-        for s in splits:
-            if s == "DIGITS":
-                steps.append(pre_tokenizers.Digits(individual_digits=True))
-            else:
-                steps.append(pre_tokenizers.Split(Regex(s), behavior="isolated"))
-        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
-        tk.pre_tokenizer = pre_tokenizers.Sequence(steps)
-        tk.decoder = decoders.ByteLevel()
-        text_bytes = _byte_level_bytes
+        tk, text_bytes = _gguf_byte_level_bpe(meta, token_to_id, notes)
     elif kind == "llama":
-        scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * n)
-        if len(scores) != n:
-            raise ModelLoadError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
-        mergeable = {t: i for t, i in token_to_id.items() if types[i] in (NORMAL, USER_DEFINED, UNUSED)}
-        ranked = []
-        for text, i in mergeable.items():
-            for k in range(1, len(text)):
-                left, right = text[:k], text[k:]
-                if left in token_to_id and right in token_to_id:
-                    ranked.append((-float(scores[i]), i, k, left, right))
-        ranked.sort()
-        merges = [(left, right) for _, _, _, left, right in ranked]
-        unk = _int_or_none(meta.get("tokenizer.ggml.unknown_token_id"))
-        unk_text = tokens[unk] if unk is not None and 0 <= unk < n else None
-        tk = Tokenizer(models.BPE(vocab=dict(token_to_id), merges=merges, unk_token=unk_text,
-                                  byte_fallback=True, fuse_unk=True))
-        norm = [normalizers.Replace(" ", "\u2581")]
-        if bool(meta.get("tokenizer.ggml.add_space_prefix", True)):
-            norm.insert(0, normalizers.Prepend("\u2581"))
-        tk.normalizer = normalizers.Sequence(norm)
-        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-        notes["tokenizer"] = "SentencePiece BPE from the GGUF vocabulary (merges ranked by score)"
-        text_bytes = _spm_bytes
+        tk, text_bytes = _gguf_sentencepiece(meta, tokens, types, token_to_id, notes, source)
     else:
         raise ModelLoadError(
             f"{source} has a {kind!r} tokenizer; only 'gpt2' (byte-level BPE) and 'llama' (SentencePiece) "
@@ -219,19 +179,7 @@ def from_gguf_metadata(meta: dict[str, Any], *, source: str = "the GGUF file") -
             added.append(AddedToken(t, special=(ty == CONTROL), normalized=False))
     if added:
         tk.add_tokens(added)
-
-    pieces: list[bytes] = []
-    for t, ty in zip(tokens, types):
-        if ty == CONTROL or ty == UNUSED:
-            pieces.append(b"")
-        elif ty == USER_DEFINED:
-            pieces.append(t.encode("utf-8"))
-        elif ty == BYTE and kind == "llama":
-            pieces.append(_spm_bytes(t))
-        elif ty == UNKNOWN:
-            pieces.append("\u2585".encode("utf-8") if kind == "llama" else b"")
-        else:
-            pieces.append(text_bytes(t))
+    pieces = _gguf_pieces(tokens, types, kind, text_bytes)
 
     bos = _int_or_none(meta.get("tokenizer.ggml.bos_token_id"))
     eos = _int_or_none(meta.get("tokenizer.ggml.eos_token_id"))
@@ -244,6 +192,83 @@ def from_gguf_metadata(meta: dict[str, Any], *, source: str = "the GGUF file") -
             pieces[i] = b""
     return TextTokenizer(tk, pieces, bos=bos, eos=eos, eog=eog,
                          add_bos=add_bos, kind="gpt2" if kind == "gpt2" else "spm", notes=notes)
+
+
+def _gguf_byte_level_bpe(meta: dict[str, Any], token_to_id: dict[str, int], notes: dict[str, str]):
+    """(tokenizer, piece -> bytes) for a ``gpt2`` vocabulary: BPE over the
+    tokens and merges, split first the way llama.cpp does for the file's
+    ``tokenizer.ggml.pre``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    merges_raw = meta.get("tokenizer.ggml.merges") or []
+    merges = [tuple(m.split(" ", 1)) for m in merges_raw if " " in m]
+    pre = str(meta.get("tokenizer.ggml.pre") or "default")
+    splits, ignore_merges = _PRE_SPLITS.get(pre, _PRE_SPLITS["default"])
+    if pre not in _PRE_SPLITS:
+        notes["tokenizer"] = f"byte-level BPE; pre-tokenizer {pre!r} unknown here, using GPT-2's split"
+    else:
+        notes["tokenizer"] = f"byte-level BPE from the GGUF vocabulary (pre-tokenizer {pre!r})"
+    tk = Tokenizer(models.BPE(vocab=dict(token_to_id), merges=merges, ignore_merges=ignore_merges))
+    steps = []
+    for s in splits:
+        if s == "DIGITS":
+            steps.append(pre_tokenizers.Digits(individual_digits=True))
+        else:
+            steps.append(pre_tokenizers.Split(Regex(s), behavior="isolated"))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tk.decoder = decoders.ByteLevel()
+    return tk, _byte_level_bytes
+
+
+def _gguf_sentencepiece(meta: dict[str, Any], tokens: list[str], types: list[int], token_to_id: dict[str, int],
+                        notes: dict[str, str], source: str):
+    """(tokenizer, piece -> bytes) for a ``llama`` (SentencePiece) vocabulary:
+    BPE whose merges are ranked by the score of the piece they make, which is
+    what SentencePiece's highest-scoring-pair rule amounts to."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    n = len(tokens)
+    scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * n)
+    if len(scores) != n:
+        raise ModelLoadError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
+    mergeable = {t: i for t, i in token_to_id.items() if types[i] in (NORMAL, USER_DEFINED, UNUSED)}
+    ranked = []
+    for text, i in mergeable.items():
+        for k in range(1, len(text)):
+            left, right = text[:k], text[k:]
+            if left in token_to_id and right in token_to_id:
+                ranked.append((-float(scores[i]), i, k, left, right))
+    ranked.sort()
+    merges = [(left, right) for _, _, _, left, right in ranked]
+    unk = _int_or_none(meta.get("tokenizer.ggml.unknown_token_id"))
+    unk_text = tokens[unk] if unk is not None and 0 <= unk < n else None
+    tk = Tokenizer(models.BPE(vocab=dict(token_to_id), merges=merges, unk_token=unk_text,
+                              byte_fallback=True, fuse_unk=True))
+    norm = [normalizers.Replace(" ", "\u2581")]
+    if bool(meta.get("tokenizer.ggml.add_space_prefix", True)):
+        norm.insert(0, normalizers.Prepend("\u2581"))
+    tk.normalizer = normalizers.Sequence(norm)
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    notes["tokenizer"] = "SentencePiece BPE from the GGUF vocabulary (merges ranked by score)"
+    return tk, _spm_bytes
+
+
+def _gguf_pieces(tokens: list[str], types: list[int], kind: str, text_bytes) -> list[bytes]:
+    """id -> the bytes the token stands for in output text, as llama.cpp detokenizes it."""
+    pieces: list[bytes] = []
+    for t, ty in zip(tokens, types):
+        if ty == CONTROL or ty == UNUSED:
+            pieces.append(b"")
+        elif ty == USER_DEFINED:
+            pieces.append(t.encode("utf-8"))
+        elif ty == BYTE and kind == "llama":
+            pieces.append(_spm_bytes(t))
+        elif ty == UNKNOWN:
+            pieces.append("\u2585".encode("utf-8") if kind == "llama" else b"")
+        else:
+            pieces.append(text_bytes(t))
+    return pieces
 
 
 def _token_content(value: Any) -> str | None:
@@ -279,27 +304,7 @@ def from_hf_folder(folder: Path, config: dict[str, Any], tk: Any = None) -> tupl
         except Exception as exc:  # noqa: BLE001 - the library raises plain Exceptions
             raise ModelLoadError(f"cannot read the tokenizer {file}: {exc}") from None
     tcfg = read_json(folder / "tokenizer_config.json")
-    spec = json.loads(tk.to_str())
-    decoder = json.dumps(spec.get("decoder") or {})
-    model = spec.get("model") or {}
-    byte_level = "ByteLevel" in decoder or ("ByteLevel" in json.dumps(spec.get("pre_tokenizer") or {})
-                                            and "ByteFallback" not in decoder)
-    text_bytes = _byte_level_bytes if byte_level else _spm_bytes
-
-    n = tk.get_vocab_size(with_added_tokens=True)
-    special = {a["id"] for a in spec.get("added_tokens") or [] if a.get("special")}
-    added = {a["id"] for a in spec.get("added_tokens") or [] if not a.get("special")}
-    pieces = []
-    for i in range(n):
-        t = tk.id_to_token(i)
-        if t is None or i in special:  # control tokens: no text, as in llama.cpp
-            pieces.append(b"")
-        elif i in added:  # added tokens are plain text, not byte-level pieces
-            pieces.append(t.encode("utf-8"))
-        elif model.get("byte_fallback") and len(t) == 6 and t.startswith("<0x"):
-            pieces.append(_spm_bytes(t))
-        else:
-            pieces.append(text_bytes(t))
+    pieces, byte_level = _hf_pieces(tk)
     token_to_id = tk.get_vocab(with_added_tokens=True)
 
     def tid(value: Any) -> int | None:
@@ -320,6 +325,39 @@ def from_hf_folder(folder: Path, config: dict[str, Any], tk: Any = None) -> tupl
     else:  # whatever the tokenizer's own post-processor does
         probe = tk.encode("a", add_special_tokens=True).ids
         add_bos = bos is not None and bool(probe) and probe[0] == bos
+    notes = {"tokenizer": f"{'byte-level' if byte_level else 'SentencePiece-style'} tokenizer from the folder"}
+    return (TextTokenizer(tk, pieces, bos=bos, eos=eos, eog=eog, add_bos=add_bos, kind="hf", notes=notes),
+            _hf_template(folder, tcfg))
+
+
+def _hf_pieces(tk: Any) -> tuple[list[bytes], bool]:
+    """(id -> the bytes it stands for in output text, whether the tokenizer is byte-level)."""
+    spec = json.loads(tk.to_str())
+    decoder = json.dumps(spec.get("decoder") or {})
+    model = spec.get("model") or {}
+    byte_level = "ByteLevel" in decoder or ("ByteLevel" in json.dumps(spec.get("pre_tokenizer") or {})
+                                            and "ByteFallback" not in decoder)
+    text_bytes = _byte_level_bytes if byte_level else _spm_bytes
+    n = tk.get_vocab_size(with_added_tokens=True)
+    special = {a["id"] for a in spec.get("added_tokens") or [] if a.get("special")}
+    added = {a["id"] for a in spec.get("added_tokens") or [] if not a.get("special")}
+    pieces = []
+    for i in range(n):
+        t = tk.id_to_token(i)
+        if t is None or i in special:  # control tokens: no text, as in llama.cpp
+            pieces.append(b"")
+        elif i in added:  # added tokens are plain text, not byte-level pieces
+            pieces.append(t.encode("utf-8"))
+        elif model.get("byte_fallback") and len(t) == 6 and t.startswith("<0x"):
+            pieces.append(_spm_bytes(t))
+        else:
+            pieces.append(text_bytes(t))
+    return pieces, byte_level
+
+
+def _hf_template(folder: Path, tcfg: dict[str, Any]) -> str | None:
+    """The folder's chat template: ``chat_template.jinja``, else tokenizer_config.json's
+    (the "default" one where it holds several)."""
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -327,6 +365,4 @@ def from_hf_folder(folder: Path, config: dict[str, Any], tk: Any = None) -> tupl
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         template = jinja.read_text(encoding="utf-8")
-    notes = {"tokenizer": f"{'byte-level' if byte_level else 'SentencePiece-style'} tokenizer from the folder"}
-    return (TextTokenizer(tk, pieces, bos=bos, eos=eos, eog=eog, add_bos=add_bos, kind="hf", notes=notes),
-            template if isinstance(template, str) else None)
+    return template if isinstance(template, str) else None
