@@ -100,7 +100,7 @@ def read_metadata(path: str | Path, *, keep_arrays: bool = False) -> dict[str, A
             r = _Reader(f, path)
             magic = f.read(4)
             if magic != GGUF_MAGIC:
-                raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, expected b'GGUF')")
+                raise ModelLoadError(f"{path} is not a GGUF file (a GGUF file starts with the bytes b'GGUF')")
             version = r.unpack("<I")
             if version not in (2, 3):
                 raise ModelLoadError(f"{path}: unsupported GGUF version {version}")
@@ -165,7 +165,7 @@ def read_tensor_infos(path: str | Path) -> list[dict[str, Any]]:
             r = _Reader(f, path)
             magic = f.read(4)
             if magic != GGUF_MAGIC:
-                raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, expected b'GGUF')")
+                raise ModelLoadError(f"{path} is not a GGUF file (a GGUF file starts with the bytes b'GGUF')")
             version = r.unpack("<I")
             if version not in (2, 3):
                 raise ModelLoadError(f"{path}: unsupported GGUF version {version}")

@@ -52,7 +52,7 @@ def check_gguf_header(path: Path) -> None:
                 "(convert it with llama.cpp's convert scripts)"
             )
         raise ModelLoadError(
-            f"{path} is not a GGUF model file: it starts with {magic!r}, expected {GGUF_MAGIC!r}"
+            f"{path} is not a GGUF model file (a GGUF file starts with the bytes {GGUF_MAGIC!r})"
         )
     if len(head) < 24:
         raise ModelLoadError(f"model file {path} is truncated: only {size} bytes, the GGUF header alone needs 24")

@@ -99,7 +99,7 @@ def inspect_model(path: str | Path) -> str:
         raise ModelLoadError(f"cannot read model file {p}: {exc.strerror or exc}") from None
     if magic != GGUF_MAGIC:
         raise ModelLoadError(
-            f"{p} is neither a GGUF file (it starts with {magic!r}) nor an MLX model folder; "
+            f"{p} is neither a GGUF file (one starts with the bytes b'GGUF') nor an MLX model folder; "
             "the MLX backend loads GGUF files and folders with config.json + safetensors"
         )
     check_gguf(p)
