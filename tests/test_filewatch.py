@@ -200,14 +200,15 @@ def test_automations_cli_test_list_enable_disable(daemon_factory, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     d = daemon_factory(config_text=config_with([summary_rule(inbox, enabled=False)])).start()
-    doc = tmp_path / "elsewhere.txt"
+    # A test runs only on a file the rule watches (issue 14): the rule is disabled, so nothing else runs on it.
+    doc = inbox / "cats.txt"
     doc.write_text("Cats sleep most of the day and hunt at night.")
     args = dict(socket_path=d.socket, config=d.config)
     out = run_cli("automations", "test", "summarize", str(doc), "--json", **args)
     assert out.returncode == 0, out.stderr
     trace = json.loads(out.stdout)
     assert trace["status"] == "ok" and trace["manual"] is True
-    assert (tmp_path / "elsewhere.summary.md").exists()
+    assert (inbox / "cats.summary.md").exists()
 
     listed = json.loads(run_cli("automations", "list", "--json", **args).stdout)
     assert listed["rules"][0]["enabled"] is False and listed["rules"][0]["last_run"]["id"] == trace["id"]
@@ -250,3 +251,57 @@ def test_rule_matching():
     assert not rule.matches("added", Path("/w/.a.md.swp")) and not rule.matches("added", Path("/w/a.md~"))
     assert not rule.matches("deleted", Path("/w/a.md"))  # default events: added, modified
     assert not rule.matches("added", Path("/elsewhere/a.md"))
+
+
+def scope_rule(folder: Path) -> dict:
+    """A disabled rule (only manual tests run it) that rewrites *.txt in place, with a .bak."""
+    return {"id": "rewrite", "enabled": False, "trigger": {"paths": [str(folder)], "globs": ["*.txt"]},
+            "actions": [{"write": {"in_place": True, "content": "rewritten by {rule}"}}]}
+
+
+async def test_manual_test_keeps_to_the_rule_scope(daemon_factory, tmp_path):
+    """automations.test refuses any file the rule could not be triggered by: outside its
+    folder, through `..`, through a symlink, or not matching its globs; nothing is written."""
+    from assistant.protocol import ErrorCode, RPCError
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    (watched / "link.txt").symlink_to(outside)
+    (watched / "notes.md").write_text("not a txt")
+    text = {"threads": 2, "preload": False, "plugins": {"filewatch": {"rules": [scope_rule(watched)]}}}
+    d = daemon_factory(config_text=yaml.safe_dump(text)).start()
+    refused = [str(outside), str(watched / ".." / "outside.txt"), str(watched / "link.txt"),
+               str(watched / "notes.md"), "/etc/hostname"]
+    async with await d.client() as c:
+        for path in refused:
+            for dry in (None, True):
+                with pytest.raises(RPCError) as info:
+                    await c.call("automations.test", {"id": "rewrite", "path": path, "dry_run": dry})
+                assert info.value.code == ErrorCode.INVALID_PARAMS, info.value.message
+                assert "rewrite" in info.value.message and "path" in info.value.message
+        runs = await runs_of(c, "rewrite")
+    assert runs == []  # refused before anything ran, dry or not
+    assert outside.read_text() == "keep me" and not (tmp_path / "outside.txt.bak").exists()
+    assert sorted(p.name for p in watched.iterdir()) == ["link.txt", "notes.md"]
+    assert "Traceback" not in d.stderr()
+
+
+async def test_manual_test_runs_on_a_file_in_scope(daemon_factory, tmp_path):
+    """In scope, also through a symlinked watched folder, the rule runs as its watcher would."""
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    alias = tmp_path / "alias"
+    alias.symlink_to(real, target_is_directory=True)
+    doc = real / "sub" / "a.txt"
+    doc.write_text("before")
+    text = {"threads": 2, "preload": False, "plugins": {"filewatch": {"rules": [scope_rule(alias)]}}}
+    d = daemon_factory(config_text=yaml.safe_dump(text)).start()
+    async with await d.client() as c:
+        dry = await c.call("automations.test", {"id": "rewrite", "path": str(doc), "dry_run": True})
+        assert dry["status"] == "dry_run" and doc.read_text() == "before"
+        assert dry["path"] == str(alias / "sub" / "a.txt")  # named under the trigger path, as events are
+        done = await c.call("automations.test", {"id": "rewrite", "path": str(doc)})
+    assert done["status"] == "ok", done
+    assert doc.read_text() == "rewritten by rewrite" and (real / "sub" / "a.txt.bak").read_text() == "before"

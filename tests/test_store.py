@@ -129,6 +129,22 @@ def test_create_session_random_ids_differ_and_duplicate_refused(store: Store) ->
         store.create_session(id="fixed")
 
 
+def test_a_missing_or_deleted_session_and_a_taken_id_have_their_own_errors(store: Store) -> None:
+    """So the RPC layer answers SESSION_NOT_FOUND (a session deleted while a chat or an
+    update was under way) and INVALID_PARAMS, not INTERNAL_ERROR."""
+    from assistant.daemon.store import SessionExists, SessionNotFound
+
+    store.create_session(id="s")
+    with pytest.raises(SessionExists):
+        store.create_session(id="s")
+    store.delete_session("s")
+    for call in (lambda: store.add_message("s", "user", "hi"), lambda: store.update_session("s", title="t"),
+                 lambda: store.export_markdown("s")):
+        with pytest.raises(SessionNotFound, match="no session 's'"):
+            call()
+    assert issubclass(SessionNotFound, StoreError) and issubclass(SessionExists, StoreError)
+
+
 def test_list_sessions_most_recently_updated_first(store: Store) -> None:
     for sid in ("a", "b", "c"):
         store.create_session(id=sid)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import tempfile
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ class ModelSpec:
         when no class is given and no built-in backend has that name."""
         path = self.paths.get(backend)
         if path is not None and path != self.path:
-            if not path.exists():
+            if not _exists(path):
                 raise ModelNotFoundError(f"model alias {self.name!r}: the file for {backend} was not found: {path}")
             spec = dataclasses.replace(self, path=path, missing=None)
         else:
@@ -254,9 +255,23 @@ def _abs_path(raw: str, base: Path | None) -> Path:
     return p.absolute()
 
 
+def _exists(p: Path) -> bool:
+    """Whether a file is at ``p``; a name no file can have (ENAMETOOLONG and the
+    like) is ModelNotFoundError saying so, never an OSError that echoes it."""
+    try:
+        return p.exists()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ModelNotFoundError(f"model name or path too long ({len(str(p))} characters): "
+                                     "no file can have that name") from None
+        raise ModelNotFoundError(f"model file cannot be checked ({exc.strerror or type(exc).__name__})") from None
+    except ValueError:  # an embedded NUL
+        raise ModelNotFoundError("model name or path contains a NUL character: no file can have that name") from None
+
+
 def _path_spec(name: str, raw: str, *, base: Path | None = None) -> ModelSpec:
     p = _abs_path(raw, base)
-    if not p.exists():
+    if not _exists(p):
         raise ModelNotFoundError(f"model file not found: {p}")
     return ModelSpec(name=name, path=p)
 
@@ -310,7 +325,7 @@ def resolve_model(name: str | None, config: Any | None = None, *, ensure: bool =
     if name in BUILTINS:
         return _builtin_spec(name, ensure=ensure)
 
-    if _looks_like_path(name) or Path(name).expanduser().exists():
+    if _looks_like_path(name) or _exists(Path(name).expanduser()):
         return _path_spec(name, name)
 
     known = ", ".join(_known_aliases(config))

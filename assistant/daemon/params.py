@@ -10,13 +10,17 @@ or raises INVALID_PARAMS naming the parameter and what was expected:
 
 Rules, the same for every method: a missing or ``null`` parameter takes its
 default (or is "missing parameter 'x'" when it has none); ``true``/``false``
-never pass for a number; unknown parameters are ignored, as JSON-RPC
-servers commonly do.
+never pass for a number; an integer must fit in 64 bits (signed) and a
+number must be finite, whatever the field's own check, so no value that
+SQLite, numpy or a C library cannot hold gets past the edge; unknown
+parameters are ignored, as JSON-RPC servers commonly do.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -32,6 +36,9 @@ class _Required:
 
 REQUIRED: Any = _Required()
 NUMBER = (int, float)
+# Every integer parameter fits a signed 64-bit integer (SQLite's INTEGER, C's int64_t).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+SHOWN_CHARS = 80  # of a bad value, in an error (a megabyte string is not echoed back)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class ArgSpec:
     default: Any = REQUIRED
     check: Callable[[Any], bool] | None = None
     expected: str = ""
+    convert: Callable[[Any], Any] | None = None  # applied to a value that passed (e.g. seed -1 -> a random seed)
 
     def describe(self) -> str:
         if self.expected:
@@ -49,10 +57,10 @@ class ArgSpec:
 
 
 def arg(types: type | tuple[type, ...], default: Any = REQUIRED, *, check: Callable[[Any], bool] | None = None,
-        expected: str = "") -> Any:
-    """A parameter field: its JSON types, default (``REQUIRED`` for none), an extra check and
-    the words for what is expected (used in the error)."""
-    spec = ArgSpec(types, default, check, expected)
+        expected: str = "", convert: Callable[[Any], Any] | None = None) -> Any:
+    """A parameter field: its JSON types, default (``REQUIRED`` for none), an extra check,
+    the words for what is expected (used in the error) and a conversion of a good value."""
+    spec = ArgSpec(types, default, check, expected, convert)
     return field(default=None, metadata={"arg": spec})
 
 
@@ -72,11 +80,32 @@ def check_value(name: str, value: Any, spec: ArgSpec) -> Any:
     # ``object`` takes any JSON value (checked later by the method); otherwise a
     # bool is never taken for a number, although Python's bool is an int.
     ok = object in types or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types))
+    if ok and object not in types and not representable(value):
+        raise invalid(f"parameter {name!r}: expected {spec.describe()} "
+                      f"({'a finite number' if isinstance(value, float) else 'within 64 bits'}), "
+                      f"got {shown(value)}")
     if ok and spec.check is not None:
         ok = bool(spec.check(value))
     if not ok:
-        raise invalid(f"parameter {name!r}: expected {spec.describe()}, got {value!r}")
-    return value
+        raise invalid(f"parameter {name!r}: expected {spec.describe()}, got {shown(value)}")
+    return spec.convert(value) if spec.convert is not None else value
+
+
+def representable(value: Any) -> bool:
+    """An int within signed 64 bits, a finite float; anything else passes (its own checks apply)."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return INT64_MIN <= value <= INT64_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
+
+
+def shown(value: Any) -> str:
+    """A bad value as an error shows it: its repr, clipped."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def parse(cls: type[T], params: dict[str, Any]) -> T:
@@ -95,6 +124,16 @@ def strings(v: Any) -> bool:
     return all(isinstance(s, str) for s in v)
 
 
+def nonempty(v: str) -> bool:
+    """A string with something in it (ids: "" names nothing)."""
+    return v != ""
+
+
+def random_seed(seed: int) -> int:
+    """A request's seed, ``-1`` meaning a fresh random one (as llama.cpp and Ollama take it)."""
+    return secrets.randbits(63) if seed == -1 else seed
+
+
 # -- the core methods' parameters ------------------------------------------------
 
 
@@ -106,7 +145,7 @@ class Initialize:
 
 @dataclass
 class Cancel:
-    id: Any = arg((int, str), None)
+    id: Any = arg((int, float, str), None, expected="the id of a request in flight (a string or a number)")
 
 
 @dataclass
@@ -124,7 +163,7 @@ class ModelsUnload:
 
 @dataclass
 class SessionId:
-    id: str = arg(str)
+    id: str = arg(str, check=nonempty, expected="a session id (a non-empty string)")
 
 
 @dataclass
@@ -134,7 +173,7 @@ class SessionsList:
 
 @dataclass
 class SessionsCreate:
-    id: str | None = arg(str, None)
+    id: str | None = arg(str, None, check=nonempty, expected="a session id (a non-empty string)")
     title: str | None = arg(str, None)
     model: str | None = arg(str, None)
     system: str | None = arg(str, None)
@@ -143,7 +182,7 @@ class SessionsCreate:
 
 @dataclass
 class SessionsRewind:
-    id: str = arg(str)
+    id: str = arg(str, check=nonempty, expected="a session id (a non-empty string)")
     message_id: int = arg(int)
 
 
@@ -161,7 +200,7 @@ class EventsSubscribe:
 
 @dataclass
 class EventsUnsubscribe:
-    types: list | None = arg(list, None)
+    types: list | None = arg(list, None, check=strings, expected="a list of event type patterns")
 
 
 @dataclass
@@ -173,7 +212,7 @@ class Chat:
 
     prompt: str | None = arg(str, None)
     messages: Any = arg(object, None)  # checked by conversation.check_messages
-    session: str | None = arg(str, None)
+    session: str | None = arg(str, None, check=nonempty, expected="a session id (a non-empty string)")
     system: str | None = arg(str, None)
     model: str | None = arg(str, None)
     backend: str | None = arg(str, None)
@@ -185,8 +224,14 @@ class Chat:
     top_k: int | None = arg(int, None, check=lambda v: v >= 0, expected="an integer >= 0")
     min_p: float | None = arg(NUMBER, None, check=lambda v: 0 <= v < 1, expected="a number in [0, 1)")
     repeat_penalty: float | None = arg(NUMBER, None, check=lambda v: v > 0, expected="a number > 0")
-    seed: int | None = arg(int, None)
+    # -1 is "a random seed", as llama.cpp and Ollama take it; no negative seed reaches numpy.
+    seed: int | None = arg(int, None, check=lambda v: v >= -1, expected="an integer >= 0, or -1 for a random seed",
+                           convert=random_seed)
     max_tokens: int | None = arg(int, None, check=lambda v: v >= 1, expected="an integer >= 1")
     draft: str | None = arg(str, None)
     max_draft: Any = arg(object, None)  # checked by the speculative package (its own message)
     draft_model: str | None = arg(str, None, check=bool, expected="a model alias or path")
+    # who waits: a person (the default) goes ahead of background work (automations, plugins)
+    priority: str | None = arg(str, None, check=lambda v: v in ("interactive", "background"),
+                               expected="'interactive' or 'background'")
+    keep_alive: Any = arg((int, float, str), None)  # seconds or "10m"; checked by chat_settings.keep_alive

@@ -31,7 +31,7 @@ from typing import Any
 
 from . import conditions, history
 from .actions import Actions
-from .rules import Rule, load_rules
+from .rules import EVENT_KINDS, Rule, load_rules
 
 log = logging.getLogger("assistant.filewatch")
 
@@ -45,6 +45,44 @@ class _Pending:
     path: Path
     events: list[dict[str, Any]] = field(default_factory=list)
     handle: asyncio.TimerHandle | None = None
+
+
+class OutOfScope(ValueError):
+    """A path a rule would never act on; the message says why (for ``automations.test``)."""
+
+
+def scoped_path(rule: Rule, raw: str) -> Path:
+    """The file ``raw`` as ``rule`` would see it from its watcher, or OutOfScope.
+
+    ``raw`` is resolved first (``~``, ``..`` and every symlink), so neither a
+    ``..`` nor a link inside a watched folder reaches a file outside it; it
+    must then lie under one of the rule's trigger paths (resolved too) and
+    pass its globs, ignores and ``recursive`` as a file event would. The
+    result is named under the trigger path as written, as the watcher names
+    its events."""
+    # realpath, not Path.resolve: a loop of links is then a path that does not exist, not a RuntimeError
+    target = Path(os.path.realpath(os.path.expanduser(raw)))
+    if not target.exists():
+        raise OutOfScope(f"parameter 'path': {_clipped(target)} does not exist")
+    refused = None
+    for root in rule.trigger.paths:
+        real_root = Path(os.path.realpath(root))
+        if target != real_root and real_root not in target.parents:
+            continue
+        seen = root if target == real_root else root / target.relative_to(real_root)
+        if any(rule.matches(kind, seen) for kind in EVENT_KINDS):
+            return seen
+        refused = (f"parameter 'path': {_clipped(target)} is inside {root} but rule {rule.id!r} does not take it "
+                   f"(globs {', '.join(rule.trigger.globs)}; ignore {', '.join(rule.trigger.ignore) or '-'}"
+                   f"{'; not recursive' if not rule.trigger.recursive else ''})")
+    raise OutOfScope(refused or f"parameter 'path': {_clipped(target)} is outside what rule {rule.id!r} watches "
+                                f"({', '.join(str(r) for r in rule.trigger.paths)}); a test runs only on files "
+                                "the rule could be triggered by")
+
+
+def _clipped(path: Path, limit: int = 200) -> str:
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class OwnOutputs:

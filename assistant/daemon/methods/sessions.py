@@ -6,10 +6,24 @@ from typing import Any
 
 from assistant.daemon import params
 from assistant.daemon.methods import MethodTable
-from assistant.daemon.store import StoreError
+from assistant.daemon.store import SessionExists, SessionNotFound, StoreError
 from assistant.protocol import ErrorCode, RPCError
 
 rpc = MethodTable()
+
+
+async def store_call(d, fn, *args: Any, **kwargs: Any) -> Any:
+    """A store call on the database thread, its session errors as protocol errors.
+
+    A session can be deleted by another client between any two store calls
+    of a request (a chat's, an update's): that is SESSION_NOT_FOUND, not an
+    internal error; two creates of one id racing is INVALID_PARAMS."""
+    try:
+        return await d.db(fn, *args, **kwargs)
+    except SessionNotFound as exc:
+        raise RPCError(ErrorCode.SESSION_NOT_FOUND, str(exc)) from None
+    except SessionExists as exc:
+        raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
 
 
 async def existing(d, sid: str) -> dict[str, Any]:
@@ -34,10 +48,9 @@ async def sessions_get(d, req, p: params.SessionId) -> dict[str, Any]:
 
 @rpc.method("sessions.create", params.SessionsCreate)
 async def sessions_create(d, req, p: params.SessionsCreate) -> dict[str, Any]:
-    if p.id is not None and await d.db(d.store.get_session, p.id) is not None:
-        raise RPCError(ErrorCode.INVALID_PARAMS, f"session {p.id!r} already exists")
-    return await d.db(d.store.create_session, id=p.id, title=p.title, model=p.model, system_prompt=p.system,
-                      settings=p.settings)
+    # A taken id is SessionExists, checked in the insert's own transaction (so two racing creates cannot both pass).
+    return await store_call(d, d.store.create_session, id=p.id, title=p.title, model=p.model,
+                            system_prompt=p.system, settings=p.settings)
 
 
 # wire key -> (store column, JSON type); only the keys a request gives are changed
@@ -50,8 +63,8 @@ async def sessions_update(d, req, p: params.SessionId) -> dict[str, Any]:
     await existing(d, p.id)
     changes = {column: params.check_value(key, req.params[key], params.ArgSpec(types))
                for key, column, types in _UPDATABLE if key in req.params}
-    await d.db(d.store.update_session, p.id, **changes)
-    return await existing(d, p.id)
+    # update_session checks again in its own transaction: a delete in between is SESSION_NOT_FOUND
+    return await store_call(d, d.store.update_session, p.id, **changes)
 
 
 @rpc.method("sessions.delete", params.SessionId)
@@ -75,4 +88,4 @@ async def sessions_rewind(d, req, p: params.SessionsRewind) -> dict[str, Any]:
 @rpc.method("sessions.export", params.SessionId)
 async def sessions_export(d, req, p: params.SessionId) -> dict[str, Any]:
     await existing(d, p.id)
-    return {"markdown": await d.db(d.store.export_markdown, p.id)}
+    return {"markdown": await store_call(d, d.store.export_markdown, p.id)}

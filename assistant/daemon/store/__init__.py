@@ -20,7 +20,8 @@ The package, one concern a module:
 - ``schema``: the core tables (``MIGRATIONS``, ``SCHEMA_VERSION``), the
   roles and statuses a message may have, which tables are the core's.
 - ``database``: ``Database``, the connection (pragmas, migrations, one
-  transaction per write, close) and ``StoreError``.
+  transaction per write, close) and ``StoreError`` (with ``SessionNotFound``,
+  ``SessionExists``: a session missing, or deleted meanwhile; an id taken).
 - ``sessions``: ``Store``, sessions and messages on a ``Database``.
 - ``export``: a session as Markdown.
 - ``plugin_data``: ``PluginData``, what plugins keep in the core database.
@@ -28,10 +29,10 @@ The package, one concern a module:
 
 from __future__ import annotations
 
-from assistant.daemon.store.database import Database, StoreError
+from assistant.daemon.store.database import Database, SessionExists, SessionNotFound, StoreError
 from assistant.daemon.store.plugin_data import PluginData
 from assistant.daemon.store.schema import CORE_TABLES, MIGRATIONS, ROLES, SCHEMA_VERSION, STATUSES
 from assistant.daemon.store.sessions import Store
 
-__all__ = ["Store", "StoreError", "PluginData", "Database", "MIGRATIONS", "SCHEMA_VERSION", "ROLES", "STATUSES",
-           "CORE_TABLES"]
+__all__ = ["Store", "StoreError", "SessionNotFound", "SessionExists", "PluginData", "Database", "MIGRATIONS",
+           "SCHEMA_VERSION", "ROLES", "STATUSES", "CORE_TABLES"]

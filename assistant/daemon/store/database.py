@@ -18,13 +18,21 @@ from typing import Iterator, TypeVar
 
 from assistant.daemon.store.schema import MIGRATIONS, SCHEMA_VERSION
 
-__all__ = ["Database", "StoreError"]
+__all__ = ["Database", "StoreError", "SessionNotFound", "SessionExists"]
 
 _D = TypeVar("_D", bound="Database")
 
 
 class StoreError(Exception):
     """Anything the store cannot do: a bad file, a missing session, bad input."""
+
+
+class SessionNotFound(StoreError):
+    """The session named does not exist (never did, or was deleted meanwhile)."""
+
+
+class SessionExists(StoreError):
+    """A session with that id exists already."""
 
 
 class Database:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant.daemon.store import export
-from assistant.daemon.store.database import Database, StoreError
+from assistant.daemon.store.database import Database, SessionExists, SessionNotFound, StoreError
 from assistant.daemon.store.plugin_data import PluginData
 from assistant.daemon.store.schema import ROLES, STATUSES
 
@@ -128,14 +128,14 @@ class Store(Database):
     ) -> dict:
         """Create a session and return it. ``id`` defaults to a random 12-hex id.
 
-        Raises StoreError if a session with that id already exists.
+        Raises SessionExists if a session with that id already exists.
         """
         session_id = id if id is not None else uuid.uuid4().hex[:12]
         if not isinstance(session_id, str) or not session_id:
             raise StoreError("a session id must be a non-empty string")
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
-                raise StoreError(f"session {session_id!r} already exists")
+                raise SessionExists(f"session {session_id!r} already exists")
             self._insert_session(conn, session_id, title, model, system_prompt, settings)
             return _fetch_session(conn, session_id)  # type: ignore[return-value]
 
@@ -193,7 +193,7 @@ class Store(Database):
         """Change only the fields passed (None clears one); bump ``updated``.
 
         ``settings`` replaces the whole dict. Returns the updated session;
-        raises StoreError if it does not exist.
+        raises SessionNotFound if it does not exist.
         """
         changes: dict[str, Any] = {}
         if title is not _UNSET:
@@ -208,7 +208,7 @@ class Store(Database):
             changes["settings"] = _dump_json(settings or {}, "settings")
         with self._write() as conn:
             if not conn.execute("SELECT 1 FROM sessions WHERE id = ?", (id,)).fetchone():
-                raise StoreError(f"no session {id!r}")
+                raise SessionNotFound(f"no session {id!r}")
             changes["updated"] = self._now()
             # Column names come from the fixed set above, never from input.
             assignments = ", ".join(f"{col} = ?" for col in changes)
@@ -236,8 +236,9 @@ class Store(Database):
         """Append a message, bump the session's ``updated``, and return it.
 
         Committed (fsynced) before returning, so it may be acknowledged to a
-        client. Raises StoreError for a missing session, an unknown role or
-        status, or stats that are not JSON-serialisable.
+        client. Raises SessionNotFound for a missing session (one deleted
+        meanwhile among them), StoreError for an unknown role or status, or
+        stats that are not JSON-serialisable.
         """
         if role not in ROLES:
             raise StoreError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
@@ -248,7 +249,7 @@ class Store(Database):
         stats_json = _dump_json(stats, "stats") if stats is not None else None
         with self._write() as conn:
             if not conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
-                raise StoreError(f"no session {session_id!r}")
+                raise SessionNotFound(f"no session {session_id!r}")
             now = self._now()
             cur = conn.execute(
                 "INSERT INTO messages (session_id, role, content, created, stats, status) "
@@ -284,12 +285,12 @@ class Store(Database):
 
         Each section starts ``**User**``, ``**Assistant**``, ``**System**`` or
         ``**Tool**``; a cancelled or failed message says so after the name.
-        Raises StoreError if the session does not exist.
+        Raises SessionNotFound if the session does not exist.
         """
         # Session and messages in one read, so the export is one consistent snapshot.
         with self._read() as conn:
             session = _fetch_session(conn, session_id)
             if session is None:
-                raise StoreError(f"no session {session_id!r}")
+                raise SessionNotFound(f"no session {session_id!r}")
             messages = _fetch_messages(conn, session_id)
         return export.markdown(session, messages)
