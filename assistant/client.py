@@ -7,6 +7,8 @@
         result = await stream.result()
 
 ``connect(start=True)`` starts a daemon in the background if none answers.
+A socket served by a process of another uid is refused before anything is
+sent to it (``UntrustedDaemon``; docs/security.md).
 This module imports nothing heavy, so commands that only talk to the daemon
 start fast.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from assistant import paths
+from assistant.daemon.server import peer_uid
 from assistant.protocol import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION, ErrorCode, RPCError, encode, request
 
 
@@ -33,6 +36,22 @@ class DaemonNotRunning(ConnectionError):
 
 class DaemonStartError(RuntimeError):
     """A daemon was started but did not become ready; the message holds its log tail."""
+
+
+class UntrustedDaemon(RPCError):
+    """The socket is served by a process of another user: nothing is sent to it.
+
+    An RPCError, so every front end that prints a daemon's refusal prints this one.
+    """
+
+    def __init__(self, sock: Path, uid: int):
+        from assistant.daemon.process import describe_uid
+
+        super().__init__(ErrorCode.INVALID_REQUEST,
+                         f"refusing to talk to {sock}: it is served by a process of {describe_uid(uid)}, "
+                         f"not of {describe_uid(os.geteuid())}, so it is not your daemon (another user may "
+                         "have put it there); nothing was sent to it")
+        self.uid = uid
 
 
 class ChatStream:
@@ -149,6 +168,11 @@ class Client:
             reader, writer = await asyncio.open_unix_connection(str(sock), limit=DEFAULT_MAX_LINE_BYTES)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonNotRunning(f"no daemon is listening on {sock}") from exc
+        try:
+            _check_peer(writer, sock)
+        except BaseException:
+            writer.close()
+            raise
         return cls(reader, writer, sock)
 
     async def __aenter__(self) -> "Client":
@@ -244,6 +268,19 @@ class Client:
         fut.add_done_callback(lambda f: _chain(f, stream._future))
         await self._writer.drain()
         return stream
+
+
+def _check_peer(writer: asyncio.StreamWriter, sock: Path) -> None:
+    """Refuse a socket served by another uid before anything is written to it.
+
+    The kernel says who is at the other end (SO_PEERCRED on Linux, getpeereid
+    on macOS): a socket path can be planted or swapped, the peer's uid cannot.
+    Where the platform cannot tell (None), the socket's directory is all we go on.
+    """
+    raw = writer.get_extra_info("socket")
+    uid = peer_uid(raw) if raw is not None else None
+    if uid is not None and uid != os.geteuid():
+        raise UntrustedDaemon(sock, uid)
 
 
 def _chain(src: asyncio.Future, dst: asyncio.Future) -> None:

@@ -19,7 +19,8 @@ def setup_logging(level: str = "info", *, stderr: bool = True) -> None:
     fmt = logging.Formatter(FORMAT)
     log_file = paths.log_file()
     try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        # Logs hold prompts' metadata and errors: private to the user (docs/security.md).
+        log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fh = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * 1024 * 1024, backupCount=3)
         fh.setFormatter(fmt)
         root.addHandler(fh)

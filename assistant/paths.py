@@ -38,7 +38,10 @@ def runtime_dir() -> Path:
 
     platformdirs names $XDG_RUNTIME_DIR/assistant on Linux; where that has no
     usable parent (root in a container has no /run/user/0) we fall back to a
-    per-user folder in the temp dir. The caller creates it with mode 0700.
+    per-user folder in the temp dir. The daemon creates it with mode 0700 and
+    refuses one it did not make: another user's, a link, or one with group or
+    other bits (``assistant.daemon.process.check_socket_dir``; the temp dir is
+    shared, so someone may have made ``assistant-<uid>`` first).
     """
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; the fallback below covers it.

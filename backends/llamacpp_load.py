@@ -294,7 +294,8 @@ def open_model(C, path: Path, options: LoadOptions, backend: str) -> LoadedModel
         mtp, mtp_why = open_mtp(C, model, ctx, plan.cparams, arch, extra, choices)
         raw = C.llama_model_chat_template(model, None)
         own = raw.decode("utf-8", "replace") if raw else None
-        template, compiled, source = chat_template.choose_template(own, arch, options.chat_template, choices)
+        template, compiled, source = chat_template.choose_template(
+            own, arch, options.chat_template, choices, model=str(extra.get("name") or path.stem))
         info = ModelInfo(
             name=str(extra.get("name") or path.stem),
             path=str(path),

@@ -173,7 +173,8 @@ class MLXBackend(Backend):
         n_ctx, choices["context"] = _context_size(model, dtype_name, train_ctx, size, options)
         choices["threads"] = "MLX schedules its own threads (the threads setting applies to llama.cpp)"
         source_template, compiled, source = chat_template.choose_template(
-            own_template, arch, options.chat_template, choices)
+            own_template, arch, options.chat_template, choices,
+            model=str(options.extra.get("name") or (p.name if p.is_dir() else p.stem)))
 
         self._model, self._tok, self._template = model, tok, compiled
         module = type(model).__module__

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from assistant import paths
-from assistant.client import Client, DaemonNotRunning, DaemonStartError
+from assistant.client import Client, DaemonNotRunning, DaemonStartError, UntrustedDaemon
 from assistant.protocol import PROTOCOL_VERSION, ErrorCode, RPCError
 
 HANDSHAKE_TIMEOUT = 5.0
@@ -82,6 +82,8 @@ def _failure(exc: BaseException, sock: Path) -> BaseException:
         return exc
     if isinstance(exc, DaemonNotRunning):
         return ConnectFailure(f"No daemon is listening on {sock}.", retry=True, not_running=True)
+    if isinstance(exc, UntrustedDaemon):  # another user's socket: never retried, never sent a prompt
+        return ConnectFailure(exc.message, retry=False)
     if isinstance(exc, DaemonStartError):
         detail = str(exc).strip()
         lines = detail.splitlines()
