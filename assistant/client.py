@@ -248,9 +248,10 @@ class Client:
         if self.closed.is_set():
             raise ConnectionError("the daemon closed the connection")
         rid = next(self._ids)
+        line = encode(request(rid, method, params))  # ValueError (NaN, ...) before anything is pending
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        self._writer.write(encode(request(rid, method, params)))
+        self._writer.write(line)
         return rid, fut
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
