@@ -169,9 +169,15 @@ class PluginContext:
         ``system``, ``session``, ``draft``, ``tools``, ...; docs/protocol.md).
         Returns the result dict. Cancelling the awaiting task stops the reply
         on the daemon too.
+
+        A plugin's chat is background work (``priority: "background"``): a
+        person's requests go first, and a long reply pauses between decode
+        steps while they run. Pass ``priority="interactive"`` for a chat a
+        person is waiting for (a plugin's own UI, say).
         """
         if (prompt is None) == (messages is None):
             raise TypeError("chat() takes a prompt or messages=[...], exactly one of the two")
+        params.setdefault("priority", "background")
         if messages is not None:
             params["messages"] = messages
         else:

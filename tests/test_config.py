@@ -415,7 +415,7 @@ def test_list_fields_validate_items():
 
 def test_expected_text_comes_from_the_schema():
     assert cfg.SCHEMA["context"].expected() == "'auto' or an integer >= 256"
-    assert cfg.GENERATION_FIELDS["seed"].expected() == "an integer or null"
+    assert cfg.GENERATION_FIELDS["seed"].expected() == "an integer >= -1 or null"  # -1: a random seed per request
     assert cfg.SCHEMA["backend"].expected() == "one of auto, llama.cpp, mlx"
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -115,6 +116,8 @@ class Field:
             text = "a mapping"
         elif self.kind == "list":
             text = "a list"
+        elif self.kind == "duration":
+            text = "a duration: seconds, or text such as 30s, 10m or 1h30m (-1: forever)"
         elif self.choices:
             text = "one of " + ", ".join(self.choices)
         elif self.kind == "bool":
@@ -151,7 +154,8 @@ GENERATION_FIELDS: dict[str, Field] = {
                    min=0, max=1, max_open=True),
     "repeat_penalty": Field("float", 1.0, "Penalty for repeating recent tokens; 1.0 disables.", min=0, min_open=True),
     "max_tokens": Field("int", 512, "Most tokens generated for one reply.", min=1),
-    "seed": Field("int", None, "Random seed for sampling; null picks a new one per request.", nullable=True),
+    "seed": Field("int", None, "Random seed for sampling; null (or -1, as llama.cpp takes it) picks a new one "
+                  "per request.", nullable=True, min=-1),
 }
 
 
@@ -330,11 +334,19 @@ SCHEMA: dict[str, Field] = {
     "threads": Field("int", "auto", "CPU threads for decoding; auto uses the physical cores.", min=1, auto=True),
     "max_loaded_models": Field("int", 1, "Most models kept loaded at once; the least recently used is unloaded.",
                                min=1),
+    "keep_alive": Field("duration", "5m", "How long a model stays loaded once nobody uses it: seconds, or a "
+                        "duration such as 30s, 10m, 1h30m; -1 keeps it loaded, 0 unloads it right after each "
+                        "request. A chat request's own keep_alive overrides it for that model."),
+    "max_queued_requests": Field("int", 64, "Most requests waiting for one model; past it a new one is refused "
+                                 "at once with a BUSY error. A person's requests count only against each other, "
+                                 "never against background work.", min=1),
     "preload": Field("bool", True, "Load the default model when the daemon starts."),
     "system_prompt": Field("str", None, "System prompt for new sessions; null uses none.", nullable=True),
     "log_level": Field("str", "info", "Daemon log level.", choices=LOG_LEVELS),
     "max_line_bytes": Field("int", DEFAULT_MAX_LINE_BYTES, "Longest protocol line (one JSON message) accepted.",
                             min=1024),
+    "send_stall_timeout": Field("float", 5.0, "Seconds a client's unsent replies may stay above 16 KiB before "
+                                "its requests are cancelled and it is disconnected as not reading.", min=0.1),
     "generation": Field("section", doc="Sampling defaults.", fields=GENERATION_FIELDS, cls=GenerationDefaults),
     "speculative": Field("section", doc="Speculative decoding defaults.", fields=SPECULATIVE_FIELDS,
                          cls=SpeculativeDefaults),
@@ -361,10 +373,13 @@ class Config:
     context: int | str = SCHEMA["context"].default
     threads: int | str = SCHEMA["threads"].default
     max_loaded_models: int = SCHEMA["max_loaded_models"].default
+    keep_alive: str | int | float = SCHEMA["keep_alive"].default
+    max_queued_requests: int = SCHEMA["max_queued_requests"].default
     preload: bool = SCHEMA["preload"].default
     system_prompt: str | None = SCHEMA["system_prompt"].default
     log_level: str = SCHEMA["log_level"].default
     max_line_bytes: int = SCHEMA["max_line_bytes"].default
+    send_stall_timeout: float = SCHEMA["send_stall_timeout"].default
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     speculative: SpeculativeDefaults = field(default_factory=SpeculativeDefaults)
     models: dict[str, ModelEntry] = field(default_factory=dict)
@@ -607,6 +622,12 @@ def _coerce(spec: Field, value: Any) -> tuple[bool, Any]:
         return spec.nullable, value
     if spec.auto and value == "auto":
         return True, value
+    if spec.kind == "duration":  # kept as written ("5m"); parse_duration reads it where it is used
+        try:
+            parse_duration(value)
+        except ValueError:
+            return False, value
+        return True, value
     if spec.kind == "bool":
         return isinstance(value, bool), value
     if spec.kind == "str":
@@ -625,6 +646,31 @@ def _coerce(spec: Field, value: Any) -> tuple[bool, Any]:
     if spec.max is not None and (value > spec.max or (spec.max_open and value == spec.max)):
         return False, value
     return True, float(value) if spec.kind == "float" else value
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|ms|s|m|h)")
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from a keep-alive value as Ollama takes it: a number of seconds, or
+    text: a number, or Go-style units (``30s``, ``10m``, ``1h30m``, ``500ms``).
+    Negative means forever (None). ValueError for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected seconds or a duration such as '10m', got {_describe(value)}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            sign, body = (-1.0, text[1:]) if text[:1] == "-" else (1.0, text.lstrip("+"))
+            parts = _DURATION_PART.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise ValueError(f"expected seconds or a duration such as '10m' or '1h30m', got {text!r}") from None
+            value = sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite duration, got {value!r}")
+    return None if value < 0 else float(value)
 
 
 def _unknown_key(name: str, known: Iterable[str]) -> str:

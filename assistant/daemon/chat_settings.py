@@ -4,7 +4,8 @@ Sampling precedence: the request's own parameters, then the ``generation:``
 keys the config file sets, then (for keys it leaves out) what the model
 comes with, then the built-in defaults. Speculative settings: the request's
 (``draft``, ``max_draft``, ``draft_model``), then the model alias's
-``speculative:`` entry, then the top-level one.
+``speculative:`` entry, then the top-level one. Scheduling: the request's
+``priority`` (default interactive) and ``keep_alive`` (default: the config's).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 
 from backends.base import Backend
 
-from assistant.config import Config
+from assistant.config import Config, parse_duration
 from assistant.config.models import ModelSpec
-from assistant.daemon.params import Chat, invalid
+from assistant.daemon.params import Chat, invalid, random_seed
+from assistant.daemon.worker import PRIORITIES, UNSET
 from assistant.inference import speculative
 from assistant.inference.sampling import SamplingParams
 
@@ -36,7 +38,8 @@ def sampling(p: Chat, config: Config, model: ModelSpec | None = None) -> tuple[S
 
     params = SamplingParams(
         temperature=float(pick("temperature")), top_p=float(pick("top_p")), top_k=pick("top_k"),
-        min_p=float(pick("min_p")), repeat_penalty=float(pick("repeat_penalty")), seed=pick("seed"))
+        min_p=float(pick("min_p")), repeat_penalty=float(pick("repeat_penalty")),
+        seed=None if pick("seed") is None else random_seed(pick("seed")))
     return params, pick("max_tokens")
 
 
@@ -114,3 +117,19 @@ def engine(spec: SpecSettings, target: Backend, draft: Backend | None, drafters:
     if drafter is None:
         return None
     return speculative.SpeculativeEngine(drafter, max_draft=spec.max_draft, calibration=calibration, costs=costs)
+
+
+def priority(p: Chat) -> int:
+    """The request's scheduling priority (``worker.INTERACTIVE`` unless it says background)."""
+    return PRIORITIES[p.priority or "interactive"]
+
+
+def keep_alive(p: Chat) -> Any:
+    """How long the model stays loaded after this request: seconds, None for forever,
+    ``UNSET`` when the request does not say (the config's then)."""
+    if p.keep_alive is None:
+        return UNSET
+    try:
+        return parse_duration(p.keep_alive)
+    except ValueError as exc:
+        raise invalid(f"parameter 'keep_alive': {exc} (-1: never unload, 0: unload right after)") from None

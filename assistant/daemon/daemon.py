@@ -56,7 +56,7 @@ class Daemon:
         self.socket_path = socket_path or paths.socket_path()
         self.db_path = db_path or paths.database_path()
         self.started = time.time()
-        self.server = RPCServer(max_line_bytes=config.max_line_bytes)
+        self.server = RPCServer(max_line_bytes=config.max_line_bytes, send_stall_timeout=config.send_stall_timeout)
         self.process = ProcessGuard(self.socket_path)
         self.store: Store | None = None
         # SQLite is blocking I/O: it gets a thread of its own, in order.

@@ -223,7 +223,7 @@ class Chat:
     top_p: float | None = arg(NUMBER, None, check=lambda v: 0 < v <= 1, expected="a number in (0, 1]")
     top_k: int | None = arg(int, None, check=lambda v: v >= 0, expected="an integer >= 0")
     min_p: float | None = arg(NUMBER, None, check=lambda v: 0 <= v < 1, expected="a number in [0, 1)")
-    repeat_penalty: float | None = arg(NUMBER, None, check=lambda v: v > 0, expected="a number > 0")
+    repeat_penalty: float | None = arg(NUMBER, None, check=lambda v: 0 < v <= 100, expected="a number in (0, 100]")
     # -1 is "a random seed", as llama.cpp and Ollama take it; no negative seed reaches numpy.
     seed: int | None = arg(int, None, check=lambda v: v >= -1, expected="an integer >= 0, or -1 for a random seed",
                            convert=random_seed)

@@ -7,6 +7,12 @@ rendered with the model's own template and generated on the model's thread,
 text deltas going out as ``chat.delta`` notifications; skills the model
 calls as tools run and the model goes on; the reply is stored, and only then
 is the final response sent.
+
+Scheduling: the request holds its model from ``get`` to its end (no eviction
+or keep-alive unload meanwhile) and queues on it with a ``Ticket`` (its
+priority, its connection for fairness, its cancel flag): a cancel while it
+waits answers at once; past the queue's bound it is refused with ``BUSY``
+(and a session forgets the message it was refused for).
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from backends.base import Backend, ContextOverflowError
 from assistant.daemon import chat_settings, conversation, params, tools
 from assistant.daemon.methods import MethodTable
 from assistant.daemon.server import TextStream
-from assistant.daemon.worker import ModelWorker
+from assistant.daemon.worker import (BACKGROUND, Busy, CancelFlag, ModelWorker, Ticket, Withdrawn, WorkerClosed,
+                                     prefill_in_steps)
 from assistant.inference import speculative
-from assistant.inference.generation import GenerationResult, generate
+from assistant.inference.generation import GenerationResult, common_prefix, generate
+from assistant.inference.stats import GenerationStats
 from assistant.protocol import ErrorCode, RPCError
 
 rpc = MethodTable()
@@ -43,15 +51,36 @@ class Turn:
 @rpc.method("chat", params.Chat)
 async def chat(d, req, p: params.Chat) -> dict[str, Any]:
     started = time.perf_counter()
+    # A flag that says when it is set, so a generation still queued leaves the queue
+    # at once on cancel or disconnect (the server makes a plain Event, only pollable).
+    req.cancel = CancelFlag.adopt(req.cancel)
+    ticket = Ticket(chat_settings.priority(p), client=getattr(req.conn, "id", None), cancel=req.cancel)
+    keep_alive = chat_settings.keep_alive(p)
     spec_request = chat_settings.requested(p, d.drafters)
     turn = await _prepare(d, p)
-    worker = await d.models.get(turn.p.model, backend=p.backend)
+    worker = await d.models.get(turn.p.model, backend=p.backend, hold=True)
+    try:
+        return await _reply(d, req, turn, worker, ticket, spec_request, started)
+    except RPCError as exc:
+        if exc.code == ErrorCode.BUSY and turn.user_message is not None:
+            # Refused before it waited: the client asks again, the message must not be there twice.
+            await d.db(d.store.delete_messages_from, turn.session, turn.user_message["id"])
+        raise
+    finally:
+        d.models.release(worker, keep_alive)
+
+
+async def _reply(d, req, turn: Turn, worker: ModelWorker, ticket: Ticket, spec_request: dict[str, Any],
+                 started: float) -> dict[str, Any]:
+    """Generate with ``worker``, store the reply in the session, report it."""
     spec = dataclasses.replace(chat_settings.configured(d.config, worker.key), **spec_request)
     draft = await d.models.draft_for(worker, spec.draft_model) if spec.wants_draft_model() else None
-    gens, tool_calls = await _generate(d, req, turn, worker, spec, draft, started)
+    gens, tool_calls = await _generate(d, req, turn, worker, ticket, spec, draft, started)
     gen = gens[-1]
     stats = dataclasses.replace(gen.stats, completion_tokens=sum(g.stats.completion_tokens or 0 for g in gens),
                                 tool_calls=len(tool_calls) or None).as_dict()
+    if ticket.yields:  # a background reply that let interactive ones go first
+        stats.update(yielded=ticket.yields, yielded_ms=round(ticket.yielded_s * 1000, 1))
     worker.record(stats)
     text = "".join(g.text for g in gens)
     reply: dict[str, Any] = {"text": text, "finish_reason": gen.finish_reason, "stats": stats, "model": worker.key}
@@ -93,25 +122,33 @@ async def _prepare(d, p: params.Chat) -> Turn:
     return turn
 
 
-async def _generate(d, req, turn: Turn, worker: ModelWorker, spec: chat_settings.SpecSettings,
+async def _generate(d, req, turn: Turn, worker: ModelWorker, ticket: Ticket, spec: chat_settings.SpecSettings,
                     draft: Backend | None, started: float) -> tuple[list[GenerationResult], list[dict[str, Any]]]:
     """Generate, running the skills the model calls and letting it go on, up to MAX_TOOL_ROUNDS."""
     sampling, max_tokens = chat_settings.sampling(turn.p, d.config, worker.spec)
     deltas = TextStream(req.conn, "chat.delta", {"id": req.id})
 
     def work(messages: list[dict[str, str]]) -> GenerationResult:
-        backend = worker.backend
+        backend = worker.backend_for(ticket)  # background work: a context of its own where memory allows
         engine = chat_settings.engine(spec, backend, draft, d.drafters, d.calibration, worker.costs)  # bad ones fail here
         prompt = backend.tokenize(backend.apply_chat_template(messages), special=True)
-        return generate(backend, prompt, sampling, max_tokens=max_tokens, stop=turn.p.stop, on_text=deltas.push,
-                        cancel=req.cancel, started=started, ignore_eos=turn.p.ignore_eos, speculative=engine,
-                        label=worker.key)
+        gate = worker.checkpoint(ticket, engine, backend)  # the cancel flag, and where background work gives way
+        early = _prefill_in_steps(backend, prompt, gate) if ticket.priority == BACKGROUND else None
+        result = generate(backend, prompt, sampling, max_tokens=max_tokens, stop=turn.p.stop, on_text=deltas.push,
+                          cancel=gate, started=started, ignore_eos=turn.p.ignore_eos, speculative=engine,
+                          label=worker.key)
+        if early is not None:  # the stats count that prefill as generate's own
+            reused, ms = early
+            result.stats = dataclasses.replace(result.stats, cached_prompt_tokens=reused,
+                                               prefill_ms=round(result.stats.prefill_ms + ms, 2),
+                                               queue_ms=round(result.stats.queue_ms - ms, 2))
+        return result
 
     gens: list[GenerationResult] = []
     tool_calls: list[dict[str, Any]] = []
     messages = turn.messages
     while True:
-        gens.append(await _run(worker, work, messages, deltas, spec))
+        gens.append(await _run(worker, ticket, work, messages, deltas, spec, started))
         gen = gens[-1]
         calls = tools.parse_calls(gen.text) if turn.tools else []
         if not calls or gen.finish_reason == "cancelled" or len(tool_calls) >= tools.MAX_TOOL_ROUNDS:
@@ -123,11 +160,19 @@ async def _generate(d, req, turn: Turn, worker: ModelWorker, spec: chat_settings
                                                       tools.response_message(results)])
 
 
-async def _run(worker: ModelWorker, work, messages, deltas: TextStream,
-               spec: chat_settings.SpecSettings) -> GenerationResult:
+async def _run(worker: ModelWorker, ticket: Ticket, work, messages, deltas: TextStream,
+               spec: chat_settings.SpecSettings, started: float) -> GenerationResult:
     """One generation on the model's thread, its errors as protocol errors."""
     try:
-        return await worker.run(work, messages)
+        return await worker.run(work, messages, ticket=ticket)
+    except Withdrawn:  # cancelled while it waited: answered now, not after the running one
+        return _withdrawn(worker, started)
+    except Busy as exc:
+        raise RPCError(ErrorCode.BUSY, f"model {worker.key!r} is busy: {exc}; try again shortly",
+                       {"model": worker.key, "waiting": exc.waiting, "limit": exc.limit}) from None
+    except WorkerClosed:
+        raise RPCError(ErrorCode.MODEL_NOT_FOUND, f"model {worker.key!r} was unloaded before this request ran") \
+            from None
     except ContextOverflowError as exc:
         raise RPCError(ErrorCode.CONTEXT_OVERFLOW, str(exc), {"needed": exc.needed, "available": exc.available}) \
             from None
@@ -137,6 +182,25 @@ async def _run(worker: ModelWorker, work, messages, deltas: TextStream,
         raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
     finally:
         deltas.flush()  # every delta goes out before the tool calls or the final response
+
+
+def _prefill_in_steps(backend: Backend, prompt: list[int], gate) -> tuple[int, float]:
+    """A background request's prefill in small steps that give way to a person
+    (``worker.prefill_in_steps``); returns (prompt tokens it found cached, ms)."""
+    t0 = time.perf_counter()
+    reused = min(common_prefix(backend.cached_tokens, prompt), max(0, len(prompt) - 1))
+    prefill_in_steps(backend, prompt, gate)
+    return reused, (time.perf_counter() - t0) * 1000
+
+
+def _withdrawn(worker: ModelWorker, started: float) -> GenerationResult:
+    """The result of a generation cancelled before it started: nothing generated."""
+    info = worker.backend.info
+    waited = round((time.perf_counter() - started) * 1000, 2)
+    return GenerationResult("", [], "cancelled", GenerationStats(
+        backend=info.backend, model=worker.key, prompt_tokens=0, cached_prompt_tokens=0, completion_tokens=0,
+        ttft_ms=None, prefill_ms=0.0, queue_ms=waited, tokens_per_second=None, total_ms=waited,
+        context_length=info.context_length, context_used=0, context_full=False, finish_reason="cancelled"))
 
 
 async def _run_tool(d, call: dict[str, Any], allowed: set[str], req) -> dict[str, Any]:

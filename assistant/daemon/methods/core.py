@@ -29,6 +29,7 @@ async def initialize(d, req, p: params.Initialize) -> dict[str, Any]:
         "daemon_version": __version__,
         "pid": os.getpid(),
         "capabilities": sorted(d.server.methods),
+        "features": ["batch"],  # JSON-RPC 2.0 batch requests (docs/protocol.md)
         "plugins": [r.name for r in d.plugins.records.values() if r.status == "loaded"],
         "default_model": d.config.model,
     }
