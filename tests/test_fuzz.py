@@ -40,14 +40,11 @@ DEEP = 100_000  # nesting no JSON parser follows
 WAIT_TICKS = int(os.environ.get("ASSISTANT_FUZZ_WAIT_TICKS", "1200"))  # of 0.1 s: 120 s for the replies of a batch
 SKIP_METHODS = {"shutdown"}  # it would end the run; tests/test_daemon.py covers it
 
-# INTERNAL_ERRORs the fuzz has found in handlers, fixed elsewhere (issue 14,
-# defect 9): (label prefix, message part, what it is). A run that finds only
-# these is an xfail naming them; anything else fails.
-KNOWN_INTERNAL = [
-    ("chat session=", "SessionNotFound",
-     "a chat racing a sessions.delete of its session: methods/chat.py _prepare's store.add_message raises "
-     "SessionNotFound, which should be SESSION_NOT_FOUND"),
-]
+# INTERNAL_ERRORs the fuzz has found in handlers and that are not fixed yet:
+# (label prefix, message part, what it is). A run that finds only these is an
+# xfail naming them; anything else fails. Empty: the one it found (a chat
+# racing a sessions.delete) now answers SESSION_NOT_FOUND.
+KNOWN_INTERNAL: list[tuple[str, str, str]] = []
 
 # Methods that read parameters beyond their dataclass.
 EXTRA_PARAMS = {"sessions.update": ["title", "model", "system", "settings"]}

@@ -210,8 +210,6 @@ async def test_update_racing_delete_is_session_not_found(client, served):
     assert ErrorCode.SESSION_NOT_FOUND in codes.values(), "the race was not exercised"
 
 
-@pytest.mark.xfail(strict=True, reason="needs methods/chat.py to make its store calls through "
-                                       "methods.sessions.store_call (issue 14, defect 9; not this helper's file)")
 async def test_chat_racing_delete_is_session_not_found(client, served):
     """The session is deleted while its reply is generated: the chat's answer is SESSION_NOT_FOUND."""
     stream = await client.chat(prompt="Count from one to fifty.", session="doomed", max_tokens=32,

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import Backend, ContextOverflowError
+from backends.chat_template import ChatTemplateError
 
 from assistant.daemon import chat_settings, conversation, params, tools
 from assistant.daemon.methods import MethodTable
+from assistant.daemon.methods.sessions import store_call
 from assistant.daemon.server import TextStream
 from assistant.daemon.worker import (BACKGROUND, Busy, CancelFlag, ModelWorker, Ticket, Withdrawn, WorkerClosed,
                                      prefill_in_steps)
@@ -64,7 +66,7 @@ async def chat(d, req, p: params.Chat) -> dict[str, Any]:
     except RPCError as exc:
         if exc.code == ErrorCode.BUSY and turn.user_message is not None:
             # Refused before it waited: the client asks again, the message must not be there twice.
-            await d.db(d.store.delete_messages_from, turn.session, turn.user_message["id"])
+            await store_call(d, d.store.delete_messages_from, turn.session, turn.user_message["id"])
         raise
     finally:
         d.models.release(worker, keep_alive)
@@ -88,7 +90,7 @@ async def _reply(d, req, turn: Turn, worker: ModelWorker, ticket: Ticket, spec_r
         reply["tool_calls"] = tool_calls
     if turn.session is not None:
         status = "complete" if gen.finish_reason != "cancelled" else "cancelled"
-        msg = await d.db(d.store.add_message, turn.session, "assistant", text, stats=stats, status=status)
+        msg = await store_call(d, d.store.add_message, turn.session, "assistant", text, stats=stats, status=status)
         reply.update(session=turn.session, message_id=msg["id"],
                      user_message_id=turn.user_message["id"] if turn.user_message else None)
     d.emit("chat.finished", {"session": turn.session, "model": worker.key, "finish_reason": gen.finish_reason,
@@ -103,14 +105,14 @@ async def _prepare(d, p: params.Chat) -> Turn:
     messages, user_text = conversation.from_request(p)
     turn = Turn(p, messages)
     if p.session is not None:
-        sess = await d.db(d.store.ensure_session, p.session, model=p.model, system_prompt=p.system)
+        sess = await store_call(d, d.store.ensure_session, p.session, model=p.model, system_prompt=p.system)
         if p.system is not None and sess.get("system_prompt") != p.system:
-            await d.db(d.store.update_session, p.session, system_prompt=p.system)
+            await store_call(d, d.store.update_session, p.session, system_prompt=p.system)
             sess["system_prompt"] = p.system
         turn.p = dataclasses.replace(p, model=p.model or sess.get("model"), system=sess.get("system_prompt"))
         turn.session = p.session
         turn.messages = conversation.history_messages(await d.db(d.store.messages, p.session))
-        turn.user_message = await d.db(d.store.add_message, p.session, "user", user_text)
+        turn.user_message = await store_call(d, d.store.add_message, p.session, "user", user_text)
     if user_text is not None:
         turn.messages.append({"role": "user", "content": user_text})
     system = turn.p.system if turn.p.system is not None else d.config.system_prompt
@@ -179,6 +181,8 @@ async def _run(worker: ModelWorker, ticket: Ticket, work, messages, deltas: Text
     except speculative.DraftModelError as exc:
         raise RPCError(ErrorCode.MODEL_LOAD_FAILED, str(exc), {"draft_model": spec.draft_model}) from None
     except speculative.DrafterError as exc:
+        raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+    except ChatTemplateError as exc:  # the model's template refused the conversation or went over a bound
         raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
     finally:
         deltas.flush()  # every delta goes out before the tool calls or the final response
