@@ -760,3 +760,22 @@ async def test_sessions_rewind_for_regenerate(daemon_factory):
         with pytest.raises(RPCError) as err:
             await c.call("sessions.rewind", {"id": "nope", "message_id": 1})
         assert err.value.code == ErrorCode.SESSION_NOT_FOUND
+
+
+async def test_status_line_says_when_the_model_unloads(daemon_factory):
+    # keep_alive from the config: after a reply the daemon says when the idle model
+    # unloads, and the status line shows it; with -1 it says the model is kept.
+    daemon = daemon_factory(config_text=GREEDY + "keep_alive: 10m\n").start()
+    app = tui(daemon)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await type_and_send(pilot, QUESTION)
+        await until(pilot, lambda: not app.chat_screen.busy and app.query_one(ChatView).last("assistant") is not None,
+                    "the reply", REPLY)
+        await until(pilot, lambda: "unloads in 9m" in status_text(app) or "unloads in 10m" in status_text(app),
+                    "the keep-alive countdown in the status line")
+    kept = daemon_factory(config_text=GREEDY + "keep_alive: -1\n").start()
+    app = tui(kept)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await until(pilot, lambda: "kept loaded" in status_text(app), "'kept loaded' in the status line")

@@ -85,6 +85,8 @@ class AssistantApp(App[int]):
         self.conn_state = "connected" if client is not None else "connecting"
         self.conn_message = ""
         self.loaded: dict[str, str] = {}  # model name -> backend, from the daemon
+        self.loaded_info: dict[str, dict[str, Any]] = {}  # model name -> its models.list entry
+        self.unloaded_idle: set[str] = set()  # models the daemon unloaded after keep_alive
         self.model_names: list[str] = []
         self.skills: list[dict[str, Any]] = []
         self.exit_message = ""
@@ -207,6 +209,8 @@ class AssistantApp(App[int]):
         except RPCError:
             return
         self.loaded = {m["name"]: m.get("backend") for m in data.get("loaded") or []}
+        # keep_alive_s / unload_at per loaded model: the status line says when it unloads.
+        self.loaded_info = {m["name"]: m for m in data.get("loaded") or []}
         names = [m["name"] for m in data.get("available") or []]
         self.model_names = names + [n for n in self.loaded if n not in names]
         self.chat_screen.update_model_status()
@@ -219,10 +223,17 @@ class AssistantApp(App[int]):
         data = params.get("data") or {}
         if params.get("type") == "model.loaded" and isinstance(data, dict) and data.get("model"):
             self.loaded[data["model"]] = data.get("backend")
+            self.unloaded_idle.discard(data["model"])
             self.chat_screen.update_model_status()
         elif params.get("type") == "model.unloaded" and isinstance(data, dict):
             self.loaded.pop(data.get("model"), None)
+            self.loaded_info.pop(data.get("model"), None)
+            if data.get("reason") == "keep_alive":
+                self.unloaded_idle.add(data.get("model"))
             self.chat_screen.update_model_status()
+        if params.get("type") in ("chat.finished", "model.loaded") and self.client is not None:
+            # A finished reply restarts its model's keep-alive clock: ask when it unloads now.
+            self.run_worker(self.refresh_models(self.client), group="models", exclusive=True)
 
     # -- app-wide actions ---------------------------------------------------------------
 

@@ -73,3 +73,20 @@ def session_title(session: dict[str, Any]) -> str:
 def title_from_prompt(prompt: str, limit: int = 40) -> str:
     words = " ".join(prompt.split())
     return words if len(words) <= limit else words[: limit - 1].rstrip() + "…"
+
+
+def keep_alive_text(entry: dict[str, Any] | None, now: float | None = None) -> str:
+    """When a loaded model will unload, from its ``models.list`` entry: "unloads in 4m",
+    "kept loaded", or "" (in use, or a daemon that does not say)."""
+    if not entry:
+        return ""
+    if entry.get("keep_alive_s") == -1:
+        return "kept loaded"
+    at = entry.get("unload_at")
+    if not isinstance(at, (int, float)):
+        return ""
+    left = max(0.0, at - (time.time() if now is None else now))
+    if left < 60:
+        return f"unloads in {left:.0f}s"
+    minutes = int(left // 60)
+    return f"unloads in {minutes}m" if minutes < 60 else f"unloads in {minutes // 60}h{minutes % 60:02d}m"

@@ -30,6 +30,7 @@ from textual.worker import Worker
 
 from assistant.protocol import RPCError
 from assistant.tui import attachments
+from assistant.tui.format import keep_alive_text
 from assistant.tui.history import append_history
 from assistant.tui.keys import ACTIONS, APP_ACTIONS, display_key, key_bindings
 from assistant.tui.screens import attach_flow, model_flows, reply_flow, session_flows
@@ -97,6 +98,8 @@ class ChatScreen(Screen[None]):
         # so the first frame is already interactive).
         self.show_connection(self.app.conn_state, self.app.conn_message)
         self.post_message(self.Ready())  # bubbles to the app
+        # The keep-alive countdown ("unloads in 4m") is computed here from unload_at: no call.
+        self.set_interval(15, self.update_model_status)
 
     @property
     def client(self) -> Any:
@@ -151,7 +154,11 @@ class ChatScreen(Screen[None]):
         backend = self.app.loaded.get(model) if model else None
         if backend is None and self.last_stats and self.last_stats.get("model") == model:
             backend = self.last_stats.get("backend")
-        self.status_bar.set(model=model, backend=backend)
+        if model in self.app.unloaded_idle:
+            keep = "unloaded while idle; the next message reloads it"
+        else:
+            keep = keep_alive_text(self.app.loaded_info.get(model)) if model else ""
+        self.status_bar.set(model=model, backend=backend, keep=keep)
 
     # -- running things ---------------------------------------------------------------
 

@@ -34,6 +34,7 @@ class StatusBar(Static):
         self.state = "connecting"
         self.model: str | None = None
         self.backend: str | None = None
+        self.keep: str = ""  # when the model unloads (keep_alive), as the daemon says
         self.stats: dict[str, Any] | None = None
         self.busy: str = ""
         self.unseen_events = 0
@@ -53,6 +54,8 @@ class StatusBar(Static):
             text.append(self.model, style="bold")
             if self.backend:
                 text.append(f" · {self.backend}")
+            if self.keep:
+                text.append(f" · {self.keep}", style="dim")
         parts = stats_parts(self.stats)
         if parts:
             text.append("  │  ", style="dim")
