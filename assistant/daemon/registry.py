@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backends import BackendRegistry, gguf
-from backends.base import Backend, BackendError, BackendUnavailable, LoadOptions, ModelLoadError
+from backends.base import Backend, BackendUnavailable, LoadOptions, ModelLoadError
 from backends.sizing import fits_in_memory
 
 from assistant.config import Config, parse_duration
@@ -177,7 +177,7 @@ class ModelRegistry:
         except BackendChoiceError as exc:
             raise RPCError(ErrorCode.BACKEND_UNAVAILABLE, str(exc)) from None
 
-    async def _resolve(self, name: str, backend_name: str | None) -> ModelSpec:
+    async def resolve(self, name: str, backend_name: str | None) -> ModelSpec:
         """The alias resolved (off the loop: a built-in may be assembled and hashed first) and,
         with ``backend_name``, that backend's file checked by the backend itself."""
         loop = asyncio.get_running_loop()
@@ -299,9 +299,9 @@ class ModelRegistry:
                         threads: int | None) -> ModelWorker:
         """A worker for ``name``, not loaded yet, once the file passed every check: the
         backend's (headers), and that a GGUF file is whole."""
-        spec = await self._resolve(name, None)
+        spec = await self.resolve(name, None)
         backend_name = self.choose_backend(backend or spec.backend or self.config.backend)
-        spec = await self._resolve(name, backend_name)
+        spec = await self.resolve(name, backend_name)
         try:
             await asyncio.get_running_loop().run_in_executor(None, check_complete, spec.path)
         except ModelLoadError as exc:
@@ -470,36 +470,6 @@ class ModelRegistry:
         log.info("unloading %s: unused for %s s (keep_alive)", worker.key, _seconds(worker.keep_alive))
         del self.models[worker.key]
         self._spawn(self._retire(worker, "keep_alive"))
-
-    # -- draft models ----------------------------------------------------------------
-
-    async def draft_for(self, worker: ModelWorker, name: str) -> Backend:
-        """The draft model ``name`` for ``worker``'s model: the same backend class,
-        context and threads, loaded once and driven on the target's thread (the
-        speculative engine calls both from one job). MODEL_LOAD_FAILED says why not."""
-        try:
-            spec = await self._resolve(name, worker.backend.name)
-        except RPCError as exc:
-            raise RPCError(ErrorCode.MODEL_LOAD_FAILED, f"draft model {name!r}: {exc.message}",
-                           {"draft_model": name}) from None
-        key = str(spec.path)
-        have = worker.companions.get(key)
-        if have is not None:
-            return have
-        info = worker.backend.info
-        instance = type(worker.backend)()
-        options = LoadOptions(n_ctx=info.context_length, n_threads=info.n_threads, chat_template=spec.chat_template,
-                              machine=figures(self.machine))
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, check_complete, spec.path)
-            await worker.run(instance.load, key, options)
-        except BackendError as exc:  # ModelLoadError and the rest
-            raise RPCError(ErrorCode.MODEL_LOAD_FAILED, f"draft model {name!r}: {exc}", {"draft_model": name}) from None
-        worker.companions[key] = instance
-        log.info("loaded draft model %s for %s from %s", name, worker.key, key)
-        self.emit("model.loaded", {"model": name, "backend": worker.backend.name, "path": key,
-                                   "draft_for": worker.key})
-        return instance
 
     # -- reporting ----------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from typing import Any
 from backends.base import Backend, ContextOverflowError
 from backends.chat_template import ChatTemplateError
 
-from assistant.daemon import chat_settings, conversation, params, tools
+from assistant.daemon import chat_settings, conversation, drafts, params, tools
 from assistant.daemon.methods import MethodTable
 from assistant.daemon.methods.sessions import store_call
 from assistant.daemon.server import TextStream
@@ -76,7 +76,7 @@ async def _reply(d, req, turn: Turn, worker: ModelWorker, ticket: Ticket, spec_r
                  started: float) -> dict[str, Any]:
     """Generate with ``worker``, store the reply in the session, report it."""
     spec = dataclasses.replace(chat_settings.configured(d.config, worker.key), **spec_request)
-    draft = await d.models.draft_for(worker, spec.draft_model) if spec.wants_draft_model() else None
+    draft = await drafts.load_draft(d.models, worker, spec.draft_model) if spec.wants_draft_model() else None
     gens, tool_calls = await _generate(d, req, turn, worker, ticket, spec, draft, started)
     gen = gens[-1]
     stats = dataclasses.replace(gen.stats, completion_tokens=sum(g.stats.completion_tokens or 0 for g in gens),
