@@ -478,3 +478,46 @@ def test_plugin_code_cannot_change_core_tables_or_the_transaction(db_path: Path)
         assert s.get_session("mine")["title"] == "private" and s.schema_version == SCHEMA_VERSION
         # The guard is off again for the core's own writes.
         s.add_message("mine", "user", "still writable")
+
+
+@pytest.fixture
+def immutable(tmp_path):
+    """Make a file read-only even for root (chattr +i); undone at the end. Skips where chattr cannot."""
+    import shutil
+    import subprocess
+
+    made: list[Path] = []
+
+    def make(path: Path) -> Path:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)],
+                                                            capture_output=True).returncode != 0:
+            pytest.skip("needs chattr +i (root on a filesystem with the immutable flag) for a read-only file")
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def test_read_only_database_is_refused_at_open_with_a_clear_error(tmp_path, immutable):
+    path = tmp_path / "assistant.db"
+    with Store(path) as store:
+        store.create_session(id="kept")
+    immutable(path)
+    with pytest.raises(StoreError, match="read-only") as info:
+        Store(path)
+    assert str(path) in str(info.value)
+
+
+def test_daemon_with_a_read_only_database_refuses_to_start(immutable, isolated_home):
+    from conftest import TEST_CONFIG
+
+    from assistant import paths
+    from assistant.testing import DaemonProcess
+
+    config = TEST_CONFIG.replace("preload: true", "preload: false")
+    DaemonProcess(isolated_home, config_text=config).start().stop()  # creates the database
+    immutable(paths.database_path())
+    with pytest.raises(RuntimeError, match="read-only"):
+        DaemonProcess(isolated_home, config_text=config).start()

@@ -101,6 +101,7 @@ class Database:
             conn.execute("PRAGMA foreign_keys=ON")
             self._conn = conn
             self._migrate()
+            self._check_writable(conn)
         except StoreError:
             conn.close()
             self._conn = None
@@ -116,6 +117,25 @@ class Database:
             conn.close()
             self._conn = None
             raise StoreError(f"cannot open the database {self.path}: {e}") from e
+
+    def _check_writable(self, conn: sqlite3.Connection) -> None:
+        """Refuse a database we can only read, at start, in one clear sentence.
+
+        SQLite opens a file it may not write read-only without a word, and
+        then every write fails later ("attempt to write a readonly
+        database"). A write that changes nothing, rolled back, finds out now."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+        except sqlite3.OperationalError as e:
+            raise StoreError(
+                f"the database {self.path} is read-only for this user ({e}); the daemon needs to write "
+                "sessions there: fix its permissions, or point the data dir elsewhere (XDG_DATA_HOME)"
+            ) from None
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
 
     def _migrate(self) -> None:
         conn = self._require_conn()
