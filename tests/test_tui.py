@@ -764,7 +764,7 @@ async def test_sessions_rewind_for_regenerate(daemon_factory):
 
 async def test_status_line_says_when_the_model_unloads(daemon_factory):
     # keep_alive from the config: after a reply the daemon says when the idle model
-    # unloads, and the status line shows it; with -1 it says the model is kept.
+    # unloads, and the status line shows it (with -1: the next test).
     daemon = daemon_factory(config_text=GREEDY + "keep_alive: 10m\n").start()
     app = tui(daemon)
     async with app.run_test(size=SIZE) as pilot:
@@ -774,6 +774,9 @@ async def test_status_line_says_when_the_model_unloads(daemon_factory):
                     "the reply", REPLY)
         await until(pilot, lambda: "unloads in 9m" in status_text(app) or "unloads in 10m" in status_text(app),
                     "the keep-alive countdown in the status line")
+
+
+async def test_status_line_says_a_model_is_kept_loaded(daemon_factory):
     kept = daemon_factory(config_text=GREEDY + "keep_alive: -1\n").start()
     app = tui(kept)
     async with app.run_test(size=SIZE) as pilot:

@@ -189,14 +189,16 @@ class AssistantApp(App[int]):
         await self.chat_screen.connected(client, prefetched=prefetched)
 
     async def _after_connected(self, client: Any) -> None:
-        """What can come a moment later: models, the activity backlog, skills."""
-        await self.refresh_models(client)
+        """What can come a moment later: the activity backlog, models, skills."""
         try:
             sub = await client.call("events.subscribe", {"types": ["*"], "backlog": 50})
             self.chat_screen.add_events(sub.get("recent") or [])
         except RPCError as exc:
             if exc.code != ErrorCode.METHOD_NOT_FOUND:
                 raise
+        # Models after subscribing: a load that finishes in between is then either in
+        # the list or an event we receive, never missed.
+        await self.refresh_models(client)
         try:
             self.skills = (await client.call("skills.list")).get("skills") or []
         except RPCError:

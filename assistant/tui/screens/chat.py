@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 from textual import on
 from textual.app import ComposeResult, SystemCommand
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Static
@@ -114,6 +115,8 @@ class ChatScreen(Screen[None]):
 
     def show_connection(self, state: str, message: str) -> None:
         """The connection's state in the status line, and ``message`` (if any) in the banner."""
+        if not self._has_widgets():
+            return
         banner = self.query_one("#banner", Static)
         banner.update(message)
         banner.set_class(bool(message), "-shown")
@@ -148,8 +151,19 @@ class ChatScreen(Screen[None]):
         return (self.client.server_info.get("default_model") if self.client is not None else None) or (
             self.last_stats or {}).get("model")
 
+    def _has_widgets(self) -> bool:
+        """False while the app is tearing the screen down: the connection loop and the
+        client's reader may still report then (the daemon closing as the app exits)."""
+        try:
+            self.query_one(StatusBar)
+        except NoMatches:
+            return False
+        return True
+
     def update_model_status(self) -> None:
         """The status line's model and the backend it is loaded with."""
+        if not self._has_widgets():
+            return
         model = self.current_model()
         backend = self.app.loaded.get(model) if model else None
         if backend is None and self.last_stats and self.last_stats.get("model") == model:
