@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from assistant import paths
-from assistant.daemon.server import peer_uid
+from assistant.peer import peer_uid
 from assistant.protocol import DEFAULT_MAX_LINE_BYTES, PROTOCOL_VERSION, ErrorCode, RPCError, encode, request
 
 
@@ -45,7 +45,7 @@ class UntrustedDaemon(RPCError):
     """
 
     def __init__(self, sock: Path, uid: int):
-        from assistant.daemon.process import describe_uid
+        from assistant.peer import describe_uid
 
         super().__init__(ErrorCode.INVALID_REQUEST,
                          f"refusing to talk to {sock}: it is served by a process of {describe_uid(uid)}, "

@@ -19,26 +19,18 @@ import errno
 import fcntl
 import logging
 import os
-import pwd
 import socket
 import stat
 from pathlib import Path
 
 from assistant import paths
+from assistant.peer import describe_uid
 
 log = logging.getLogger("assistant.daemon")
 
 
 class DaemonError(Exception):
     """The daemon cannot start (another one runs, the socket is taken, ...)."""
-
-
-def describe_uid(uid: int) -> str:
-    """``user 'ada' (uid 1000)``, or ``uid 1000`` for a uid without a name."""
-    try:
-        return f"user {pwd.getpwuid(uid).pw_name!r} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
 
 
 # -- the socket's directory ------------------------------------------------------

@@ -25,13 +25,13 @@ import json
 import logging
 import os
 import re
-import socket
 import struct
 import sys
 import termios
 import threading
 from typing import Any, Awaitable, Callable
 
+from assistant.peer import peer_uid
 from assistant.protocol import (DEFAULT_MAX_LINE_BYTES, MAX_DEPTH, ErrorCode, RPCError, content_problem, encode,
                                 error, id_problem, notification, result)
 
@@ -74,18 +74,6 @@ SEND_LOW_MARK = 16 * 1024
 
 # An escape that may be half of a surrogate pair: only a line with one can hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def peer_uid(sock: socket.socket) -> int | None:
-    """The uid of the process at the other end of a Unix socket, or None if unknown."""
-    if hasattr(socket, "SO_PEERCRED"):  # Linux
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[1]
-    if sys.platform == "darwin":  # getpeereid() is LOCAL_PEERCRED on SOL_LOCAL (0)
-        LOCAL_PEERCRED = 0x001
-        xucred = sock.getsockopt(0, LOCAL_PEERCRED, struct.calcsize("IIh16I"))
-        return struct.unpack_from("IIh", xucred)[1]
-    return None
 
 
 def kernel_unread(fd: int | None) -> int:
