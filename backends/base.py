@@ -131,10 +131,16 @@ class Backend(abc.ABC):
     def unload(self) -> None:
         """Free the model and its cache. Safe to call twice."""
 
+    # Set by ``load`` (None while nothing is loaded); ``info`` hands it out.
+    _info: ModelInfo | None = None
+
     @property
-    @abc.abstractmethod
     def info(self) -> ModelInfo:
-        """Metadata of the loaded model."""
+        """The loaded model's facts and load-time choices; BackendError when none is loaded.
+        A backend sets ``self._info`` in ``load`` (or overrides this property)."""
+        if self._info is None:
+            raise BackendError("no model is loaded")
+        return self._info
 
     # -- tokenizer -----------------------------------------------------------
 

@@ -175,13 +175,6 @@ class LlamaCppBackend(Backend):
         except Exception:
             pass
 
-    @property
-    def info(self) -> ModelInfo:
-        """The loaded model's facts and load-time choices; BackendError when none is loaded."""
-        if self._info is None:
-            raise BackendError("no model is loaded")
-        return self._info
-
     def _require(self) -> None:
         if self._ctx is None:
             raise BackendError("no model is loaded")

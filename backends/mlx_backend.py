@@ -226,13 +226,6 @@ class MLXBackend(Backend):
         except Exception:  # noqa: BLE001 - freeing is best effort
             pass
 
-    @property
-    def info(self) -> ModelInfo:
-        """The loaded model's facts and load-time choices; BackendError when none is loaded."""
-        if self._info is None:
-            raise BackendError("no model is loaded")
-        return self._info
-
     def _require(self) -> None:
         if self._model is None:
             raise BackendError("no model is loaded")
