@@ -193,4 +193,4 @@ def test_an_unregistered_configured_backend_stops_the_daemon(assistant_daemon_fa
     assert d.wait(60) != 0
     err = d.stderr()
     assert str(d.config) in err and "models.script.backend" in err
-    assert "expected one of auto, llama.cpp, mlx, scripted or null, got 'scriptd'; did you mean 'scripted'?" in err
+    assert "expected one of auto, llama.cpp, mlx, remote, scripted or null, got 'scriptd'; did you mean 'scripted'?" in err

@@ -48,11 +48,11 @@ def test_config_check_knows_a_plugin_backend(tmp_path):
     # without the plugin (--no-plugins after the command) the name is unknown, and says where it is
     off = run_cli("config", "check", "--no-plugins", config=cfg, env=env)
     assert off.returncode == 1
-    assert off.stderr.strip() == (f"error: {cfg}:1: backend: expected one of auto, llama.cpp, mlx, got 'tiny'")
+    assert off.stderr.strip() == (f"error: {cfg}:1: backend: expected one of auto, llama.cpp, mlx, remote, got 'tiny'")
     cfg.write_text("backend: auto\nmodels:\n  t:\n    path: /m/t.bin\n    backend: tinyy\n")
     bad = run_cli("config", "check", config=cfg, env=env)
     assert bad.returncode == 1
-    assert bad.stderr.strip() == (f"error: {cfg}:5: models.t.backend: expected one of auto, llama.cpp, mlx, tiny "
+    assert bad.stderr.strip() == (f"error: {cfg}:5: models.t.backend: expected one of auto, llama.cpp, mlx, remote, tiny "
                                   f"or null, got 'tinyy'; did you mean 'tiny'?")
 
 
@@ -69,5 +69,5 @@ def test_doctor_chooses_a_plugin_backend_the_config_pins(tmp_path):
     assert "chosen:   tiny (pinned in config)" in text
     # with plugins off the same config is invalid, as the daemon would find it
     off = json.loads(run_cli("doctor", "--json", "--no-plugins", config=cfg, env=env).stdout)
-    assert off["config"]["valid"] is False and "backend: expected one of auto, llama.cpp, mlx, got 'tiny'" in \
+    assert off["config"]["valid"] is False and "backend: expected one of auto, llama.cpp, mlx, remote, got 'tiny'" in \
         off["config"]["error"]

@@ -345,7 +345,7 @@ def test_model_entry_bad_field(tmp_path):
         check_backends(config, BUILTIN_BACKENDS)
     err = info.value
     assert err.key == "models.gemma.backend" and err.line == 4
-    assert "expected one of auto, llama.cpp, mlx or null, got 'cuda'" in err.detail
+    assert "expected one of auto, llama.cpp, mlx, remote or null, got 'cuda'" in err.detail
 
 
 def test_model_entry_unknown_field(tmp_path):
@@ -416,7 +416,7 @@ def test_list_fields_validate_items():
 def test_expected_text_comes_from_the_schema():
     assert cfg.SCHEMA["context"].expected() == "'auto' or an integer >= 256"
     assert cfg.GENERATION_FIELDS["seed"].expected() == "an integer >= -1 or null"  # -1: a random seed per request
-    assert cfg.SCHEMA["backend"].expected() == "one of auto, llama.cpp, mlx"
+    assert cfg.SCHEMA["backend"].expected() == "one of auto, llama.cpp, mlx, remote"
 
 
 def test_the_keys_a_file_sets_are_known(tmp_path):
@@ -463,11 +463,11 @@ def test_any_backend_name_is_read_and_kept(tmp_path):
 
 
 @pytest.mark.parametrize(("line", "text", "key", "detail"), [
-    (1, "backend: mlxx", "backend", "expected one of auto, llama.cpp, mlx, got 'mlxx'; did you mean 'mlx'?"),
-    (5, "    backend: scripted", "models.s.backend", "expected one of auto, llama.cpp, mlx or null, got 'scripted'"),
+    (1, "backend: mlxx", "backend", "expected one of auto, llama.cpp, mlx, remote, got 'mlxx'; did you mean 'mlx'?"),
+    (5, "    backend: scripted", "models.s.backend", "expected one of auto, llama.cpp, mlx, remote or null, got 'scripted'"),
     (7, "      scripted: /m/s.bin", "models.s.paths", "unknown key 'scripted' (known keys: llama.cpp, mlx)"),
     (12, "    backend: scripted", "profiles.here.backend",
-     "expected one of auto, llama.cpp, mlx or null, got 'scripted'"),
+     "expected one of auto, llama.cpp, mlx, remote or null, got 'scripted'"),
 ])
 def test_unregistered_backend_names_file_line_key_and_known_names(tmp_path, line, text, key, detail):
     # Every key names a built-in but the one under test.
@@ -487,7 +487,7 @@ def test_unregistered_backend_names_file_line_key_and_known_names(tmp_path, line
 
 def test_check_backends_lists_plugin_backends_and_keeps_auto_out_of_paths(tmp_path):
     config = load_config(write(tmp_path, "backend: tensorrt\n"))
-    with pytest.raises(ConfigError, match=r"expected one of auto, llama.cpp, mlx, scripted, got 'tensorrt'"):
+    with pytest.raises(ConfigError, match=r"expected one of auto, llama.cpp, mlx, remote, scripted, got 'tensorrt'"):
         check_backends(config, ["llama.cpp", "mlx", "scripted"])
     check_backends(load_config(write(tmp_path, "backend: auto\n")), ["llama.cpp"])  # auto is always known
     config = load_config(write(tmp_path, "models:\n  m:\n    path: /x\n    paths: {auto: /y}\n"))
@@ -496,11 +496,11 @@ def test_check_backends_lists_plugin_backends_and_keeps_auto_out_of_paths(tmp_pa
     # a config built in code has no file or line to name
     with pytest.raises(ConfigError) as info:
         check_backends(Config(backend="cuda"), BUILTIN_BACKENDS)
-    assert str(info.value) == "backend: expected one of auto, llama.cpp, mlx, got 'cuda'"
+    assert str(info.value) == "backend: expected one of auto, llama.cpp, mlx, remote, got 'cuda'"
 
 
 def test_backend_keys_still_check_their_shape_when_read(tmp_path):
-    assert "backend: expected one of auto, llama.cpp, mlx, got 3" in str(error_for(tmp_path, "backend: 3\n"))
+    assert "backend: expected one of auto, llama.cpp, mlx, remote, got 3" in str(error_for(tmp_path, "backend: 3\n"))
     err = error_for(tmp_path, "models:\n  m:\n    path: /x\n    paths: {llama.cpp: 5}\n")
     assert (err.key, err.line) == ("models.m.paths.llama.cpp", 4) and "expected a string or null, got 5" in err.detail
     err = error_for(tmp_path, "models:\n  m:\n    path: /x\n    paths: {scripted: [a]}\n")

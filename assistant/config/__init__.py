@@ -33,7 +33,7 @@ from assistant.keymap import ACTIONS as TUI_ACTIONS
 # The built-in backends (backends.BUILTIN_BACKENDS), for messages and docs. A
 # plugin may register more, so a file naming another one is read all the same
 # and checked by check_backends once the plugins have registered theirs.
-BACKENDS = ("auto", "llama.cpp", "mlx")
+BACKENDS = ("auto", "llama.cpp", "mlx", "remote")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -186,6 +186,9 @@ SPECULATIVE_FIELDS: dict[str, Field] = {
                        min=1, max=32),
     "ngram_max": Field("int", 8, "Prompt lookup: longest n-gram (tokens) matched; the longest match wins.",
                        min=1, max=32),
+    "mtp_model": Field("str", None, "MTP drafter model for the mtp drafter (and auto): a separate assistant "
+                       "model such as Gemma 4's mtp-*.gguf; null: the model's own NextN layers, or an "
+                       "mtp-*.gguf beside the model file that pairs with it.", nullable=True, expand_user=True),
 }
 
 
@@ -198,6 +201,7 @@ class SpeculativeDefaults:
     draft_model: str | None = SPECULATIVE_FIELDS["draft_model"].default
     ngram_min: int = SPECULATIVE_FIELDS["ngram_min"].default
     ngram_max: int = SPECULATIVE_FIELDS["ngram_max"].default
+    mtp_model: str | None = SPECULATIVE_FIELDS["mtp_model"].default
 
     def __post_init__(self) -> None:
         self.drafter = _drafter_name(self.drafter)
@@ -220,6 +224,8 @@ MODEL_SPECULATIVE_FIELDS: dict[str, Field] = {
                          "speculative.draft_model.", nullable=True),
     "max_draft": Field("int", None, "Most tokens drafted per step; null uses the top-level "
                        "speculative.max_draft.", min=1, max=64, nullable=True),
+    "mtp_model": Field("str", None, "MTP drafter model for this model; null uses the top-level "
+                       "speculative.mtp_model.", nullable=True, expand_user=True),
 }
 
 
@@ -230,14 +236,15 @@ class ModelSpeculative:
     drafter: str | None = None
     draft_model: str | None = None
     max_draft: int | None = None
+    mtp_model: str | None = None
 
     def __post_init__(self) -> None:
         self.drafter = _drafter_name(self.drafter)
 
 
 MODEL_FIELDS: dict[str, Field] = {
-    "path": Field("str", doc="Model file (GGUF) or MLX model directory; ~ is expanded.",
-                  required=True, expand_user=True),
+    "path": Field("str", None, "Model file (GGUF) or MLX model directory; ~ is expanded. Required "
+                  "except for backend: remote.", nullable=True, expand_user=True),
     "backend": Field("str", None, "Backend for this model; null uses the top-level backend.",
                      choices=BACKENDS, open=True, nullable=True),
     "context": Field("int", None, "Context window for this model; null uses the top-level context.",
@@ -249,12 +256,18 @@ MODEL_FIELDS: dict[str, Field] = {
     "paths": Field("section", doc="A file per backend (an MLX folder for mlx, a GGUF for llama.cpp); the "
                    "chosen backend's entry replaces path.",
                    fields={b: Field("str", None, f"Model for the {b} backend; null uses path.", nullable=True,
-                                    expand_user=True) for b in BACKENDS if b != "auto"},
+                                    expand_user=True) for b in BACKENDS if b not in ("auto", "remote")},
                    open=True, item=Field("str", None, "Model for this backend; null uses path.", nullable=True,
                                          expand_user=True)),
-    "speculative": Field("section", doc="Speculative decoding for this model: drafter, draft_model, max_draft "
-                         "(null: the top-level speculative settings).", fields=MODEL_SPECULATIVE_FIELDS,
+    "speculative": Field("section", doc="Speculative decoding for this model: drafter, draft_model, max_draft, "
+                         "mtp_model (null: the top-level speculative settings).", fields=MODEL_SPECULATIVE_FIELDS,
                          cls=ModelSpeculative),
+    "url": Field("str", None, "backend: remote: the OpenAI-compatible base URL (e.g. http://gpu-box:8000/v1).",
+                 nullable=True),
+    "model": Field("str", None, "backend: remote: the model's name on that server; null: the alias.",
+                   nullable=True),
+    "api_key_env": Field("str", None, "backend: remote: the environment variable holding the server's API "
+                         "key; null: none sent.", nullable=True),
 }
 
 
@@ -262,16 +275,26 @@ MODEL_FIELDS: dict[str, Field] = {
 class ModelEntry:
     """A user-defined model alias (``models:`` in the config file)."""
 
-    path: str
+    path: str | None = None
     backend: str | None = None
     context: int | None = None
     threads: int | None = None
     chat_template: str | None = None
     paths: dict[str, str] = field(default_factory=dict)  # backend -> its own file (others use path)
     speculative: ModelSpeculative = field(default_factory=ModelSpeculative)
+    url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
 
     def __post_init__(self) -> None:
         self.paths = {b: p for b, p in (self.paths or {}).items() if p is not None}
+        if self.backend == "remote":
+            if not self.url:
+                raise ValueError("backend: remote needs url: the server's OpenAI-compatible base URL")
+            if not re.match(r"^https?://[^/\s]+", self.url):
+                raise ValueError(f"url: expected an http:// or https:// URL, got {self.url!r}")
+        elif self.path is None and not self.paths:
+            raise ValueError("missing required key 'path' (a string)")
 
 
 PROFILE_FIELDS: dict[str, Field] = {
@@ -303,6 +326,38 @@ class Profile:
     def __post_init__(self) -> None:
         if self.hostname is None and self.platform is None:
             raise ValueError("a profile needs hostname or platform (or both) to say which machines it is for")
+
+
+HTTP_FIELDS: dict[str, Field] = {
+    "listen": Field("str", None, "Serve the OpenAI- and Ollama-compatible HTTP API here: 127.0.0.1:PORT, "
+                    "[::1]:PORT, HOST:PORT (needs an API key) or unix:PATH; null: off.", nullable=True),
+    "api_keys": Field("list", None, "Accepted API keys (Authorization: Bearer KEY). Required to listen on "
+                      "anything but loopback or a Unix socket.", item=Field("str")),
+    "api_key_file": Field("str", None, "A file with one accepted API key per line (kept out of the config "
+                          "file); null: none.", nullable=True, expand_user=True),
+    "allowed_hosts": Field("list", None, "Host header names accepted besides the loopback names (the "
+                           "DNS-rebinding guard); '*' accepts any.", item=Field("str")),
+    "cors_origins": Field("list", None, "Origins allowed to call the API from a browser (CORS); empty: none.",
+                          item=Field("str")),
+    "max_body_bytes": Field("int", 32 * 1024 * 1024, "Largest request body accepted (413 past it).", min=1024),
+}
+
+
+@dataclass
+class HttpSettings:
+    """The HTTP API (``http:``): off unless ``listen`` is set."""
+
+    listen: str | None = HTTP_FIELDS["listen"].default
+    api_keys: list[str] = field(default_factory=list)
+    api_key_file: str | None = HTTP_FIELDS["api_key_file"].default
+    allowed_hosts: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
+    max_body_bytes: int = HTTP_FIELDS["max_body_bytes"].default
+
+    def __post_init__(self) -> None:
+        self.api_keys = list(self.api_keys or [])
+        self.allowed_hosts = list(self.allowed_hosts or [])
+        self.cors_origins = list(self.cors_origins or [])
 
 
 TUI_BINDING_FIELDS: dict[str, Field] = {
@@ -361,6 +416,8 @@ SCHEMA: dict[str, Field] = {
     "plugins": Field("map", doc="Per-plugin settings: plugin name -> anything; handed to the plugin's hooks "
                      "as `settings`.", item=Field("any", None)),
     "tui": Field("section", doc="The terminal UI: theme and key bindings.", fields=TUI_FIELDS, cls=TuiSettings),
+    "http": Field("section", doc="The OpenAI- and Ollama-compatible HTTP API (off by default).",
+                  fields=HTTP_FIELDS, cls=HttpSettings),
 }
 
 
@@ -387,6 +444,7 @@ class Config:
     plugin_dirs: list[str] = field(default_factory=list)
     plugins: dict[str, Any] = field(default_factory=dict)
     tui: TuiSettings = field(default_factory=TuiSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     # Not config keys: the file this came from (None when none existed), and
     # the dotted keys the file set (a default the user did not choose may give
     # way to a model's own recommendation, as for generation).
