@@ -69,6 +69,9 @@ class LoadOptions:
     extra: dict[str, Any] = field(default_factory=dict)
     # The machine threads and context are sized for; None: the backend measures it (``backends.sizing``).
     machine: MachineFigures | None = None
+    # A separate MTP drafter model (Gemma 4's gemma4-assistant) loaded beside the target and
+    # paired with it; None: only the model's own NextN layers, if any (``mtp_support``).
+    mtp_model: str | None = None
 
 
 @dataclass
