@@ -6,6 +6,8 @@ comes with, then the built-in defaults. Speculative settings: the request's
 (``draft``, ``max_draft``, ``draft_model``), then the model alias's
 ``speculative:`` entry, then the top-level one. Scheduling: the request's
 ``priority`` (default interactive) and ``keep_alive`` (default: the config's).
+Structured output: the request's ``response_format`` (checked and compiled by
+``params.Chat``), carried on ``SamplingParams.response_format``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from assistant.config.models import ModelSpec
 from assistant.daemon.params import Chat, invalid, random_seed
 from assistant.daemon.worker import PRIORITIES, UNSET
 from assistant.inference import speculative
+from assistant.inference.constraints import ResponseFormat
 from assistant.inference.sampling import SamplingParams
 
 
@@ -39,8 +42,16 @@ def sampling(p: Chat, config: Config, model: ModelSpec | None = None) -> tuple[S
     params = SamplingParams(
         temperature=float(pick("temperature")), top_p=float(pick("top_p")), top_k=pick("top_k"),
         min_p=float(pick("min_p")), repeat_penalty=float(pick("repeat_penalty")),
-        seed=None if pick("seed") is None else random_seed(pick("seed")))
+        seed=None if pick("seed") is None else random_seed(pick("seed")),
+        response_format=response_format(p))
     return params, pick("max_tokens")
+
+
+def response_format(p: Chat) -> ResponseFormat | None:
+    """What the reply must be (structured output), as ``params.Chat`` parsed it: None for
+    free text. ``SamplingParams.response_format`` carries it to ``generate``, which
+    constrains locally; a backend that forwards requests sends ``.to_openai()``."""
+    return p.response_format
 
 
 @dataclass

@@ -134,6 +134,18 @@ def random_seed(seed: int) -> int:
     return secrets.randbits(63) if seed == -1 else seed
 
 
+def response_format(value: dict) -> Any:
+    """A request's ``response_format`` (OpenAI's shape) checked and compiled: a
+    ``constraints.ResponseFormat``, or None for ``{"type": "text"}``. A bad one is
+    INVALID_PARAMS saying what is wrong (``json_schema.schema.properties.age.type: ...``)."""
+    from assistant.inference.constraints import ConstraintError, parse_response_format
+
+    try:
+        return parse_response_format(value)
+    except ConstraintError as exc:
+        raise invalid(f"parameter 'response_format': {exc}") from None
+
+
 # -- the core methods' parameters ------------------------------------------------
 
 
@@ -235,3 +247,7 @@ class Chat:
     priority: str | None = arg(str, None, check=lambda v: v in ("interactive", "background"),
                                expected="'interactive' or 'background'")
     keep_alive: Any = arg((int, float, str), None)  # seconds or "10m"; checked by chat_settings.keep_alive
+    # structured output: {"type": "json_object"} | {"type": "json_schema", "json_schema": {...}}, OpenAI's
+    # shape; parsed into a constraints.ResponseFormat (None for "text") with its grammar built
+    response_format: Any = arg(dict, None, expected="an object: {\"type\": \"json_object\"} or "
+                               "{\"type\": \"json_schema\", \"json_schema\": {...}}", convert=response_format)

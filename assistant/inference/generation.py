@@ -48,6 +48,9 @@ class GenerationResult:
     tokens: list[int]
     finish_reason: str  # "stop" | "length" | "cancelled"
     stats: GenerationStats
+    # Under a response_format: whether the text is a whole reply of its grammar (a reply
+    # cut by max_tokens or a stop string is not); None without one.
+    complete: bool | None = None
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -208,13 +211,18 @@ def generate(
     ``started`` is the ``time.perf_counter()`` at which the request arrived,
     so ``ttft_ms`` includes any time spent waiting in the model's queue.
     ``ignore_eos`` masks end-of-generation tokens (benchmarks, tests).
+    ``params.response_format`` constrains the reply (structured output, see
+    ``assistant.inference.constraints``): every token is one the grammar
+    allows, so a reply that ends on its own (``finish_reason: "stop"`` at
+    end-of-generation) is whole; one cut by ``max_tokens`` (``"length"``) or
+    a stop string is only a prefix.
     ``speculative`` (an ``assistant.inference.speculative.SpeculativeEngine``)
     decodes with a drafter; without one decoding is plain. ``label`` is the
     model's name in the stats (default: ``backend.info.name``).
     """
     t0 = time.perf_counter()
     started = t0 if started is None else started
-    sampler = Sampler(params, banned=backend.info.eos_token_ids if ignore_eos else ())
+    sampler = _sampler(backend, params, ignore_eos)
     reply = _Reply(backend, stop, on_text)
     finish, context_full, t_first = "cancelled", False, None
     logits, reused = prefill(backend, prompt, cancel)
@@ -230,7 +238,8 @@ def generate(
     n = len(reply.tokens)
     decode_s = (t_end - t_first) if t_first is not None else 0.0
     info = backend.info
-    return GenerationResult("".join(reply.pieces), reply.tokens, finish, GenerationStats(
+    complete = _complete(sampler, finish, reply)
+    return GenerationResult("".join(reply.pieces), reply.tokens, finish, complete=complete, stats=GenerationStats(
         backend=info.backend,
         model=info.name if label is None else label,
         prompt_tokens=len(prompt),
@@ -251,9 +260,30 @@ def generate(
     ))
 
 
+def _sampler(backend: Backend, params: SamplingParams, ignore_eos: bool) -> Sampler:
+    """The reply's sampler: with the grammar of ``params.response_format`` if it has one.
+    Under a grammar ``ignore_eos`` does nothing: the grammar says where the reply may end,
+    and end-of-generation is the only token it allows there."""
+    fmt = params.response_format
+    if fmt is None:
+        return Sampler(params, banned=backend.info.eos_token_ids if ignore_eos else ())
+    from assistant.inference.constraints import constraint_for
+
+    return Sampler(params, constraint=constraint_for(fmt, backend))
+
+
+def _complete(sampler: Sampler, finish: str, reply: _Reply) -> bool | None:
+    """Whether a constrained reply is whole: it ended at end-of-generation, where only a
+    finished grammar lets it end (the grammar has also taken that token, which the
+    reply leaves out), and not at a stop string."""
+    if sampler.constraint is None:
+        return None
+    return finish == "stop" and not reply.stopped and sampler.constraint.complete
+
+
 def _speculative_stats(engine: "SpeculativeEngine | None") -> dict:
     """The drafter's part of the stats (plain decoding: drafter "off", nothing drafted)."""
     if engine is None:
         return {}
-    return {"drafter": engine.name, "drafted": engine.drafted, "accepted": engine.accepted,
-            "speculative": engine.verify}
+    return {"drafter": engine.name, "drafter_kind": getattr(engine.drafter, "kind", None),
+            "drafted": engine.drafted, "accepted": engine.accepted, "speculative": engine.verify}

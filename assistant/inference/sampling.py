@@ -7,15 +7,20 @@ temperature and truncation) because rejection sampling needs them.
 
 Tokens a request must never get (``banned``: the end-of-generation tokens
 when the caller ignores them) are masked here, the one place every decode
-loop samples through.
+loop samples through; so is a reply's grammar (``constraint``: structured
+output, ``assistant.inference.constraints``), which is told every token the
+sampler picks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from assistant.inference.constraints import Constraint, ResponseFormat
 
 
 @dataclass
@@ -29,6 +34,9 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    # What the reply must be (JSON, a JSON Schema); None: free text. ``generate`` builds the
+    # reply's constraint from it; a backend that forwards requests reads it as is.
+    response_format: "ResponseFormat | None" = None
 
     @property
     def greedy(self) -> bool:
@@ -42,20 +50,32 @@ class SamplingParams:
 
 class Sampler:
     """Samples from logits with the llama.cpp order of operations:
-    repeat penalty, then top-k, temperature, top-p, min-p."""
+    repeat penalty, then the grammar's mask, top-k, temperature, top-p, min-p.
 
-    def __init__(self, params: SamplingParams, *, banned: Sequence[int] = ()):
+    With a ``constraint`` the sampler is stateful: :meth:`sample` takes the
+    token it returns (the grammar advances by it), and a caller that picks a
+    token otherwise (rejection sampling from :meth:`distribution`) hands it
+    to :meth:`take`. :meth:`distribution` changes nothing."""
+
+    def __init__(self, params: SamplingParams, *, banned: Sequence[int] = (),
+                 constraint: "Constraint | None" = None):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.banned = list(banned)  # token ids never sampled (their logits count as -inf)
+        self.constraint = constraint
 
     @property
     def is_argmax(self) -> bool:
         """Whether ``sample(row, history)`` is ``argmax(row)`` whatever the
-        history (greedy, no penalty, nothing banned): the engine then picks
-        a whole verify batch with one ``argmax``."""
+        history (greedy, no penalty, nothing banned, no grammar): the engine
+        then picks a whole verify batch with one ``argmax``."""
         p = self.params
-        return p.greedy and p.repeat_penalty == 1.0 and not self.banned
+        return p.greedy and p.repeat_penalty == 1.0 and not self.banned and self.constraint is None
+
+    def take(self, token: int) -> None:
+        """``token`` comes next in the reply: the grammar (if any) advances by it."""
+        if self.constraint is not None:
+            self.constraint.take(token)
 
     def _masked(self, logits: np.ndarray) -> np.ndarray:
         out = logits.copy()  # the backend's row stays as it was
@@ -63,8 +83,12 @@ class Sampler:
         return out
 
     def _penalised(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """The logits after the repeat penalty and the banned tokens' mask
-        (a copy where either applies, else ``logits`` itself)."""
+        """The logits after the repeat penalty, the banned tokens' mask and the
+        grammar's (a copy where any applies, else ``logits`` itself)."""
+        out = self._penalty(logits, history)
+        return out if self.constraint is None else self.constraint.mask(out)
+
+    def _penalty(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         p = self.params
         if p.repeat_penalty == 1.0 or not history or p.repeat_last_n == 0:
             return self._masked(logits) if self.banned else logits
@@ -106,11 +130,24 @@ class Sampler:
         return cand, probs / probs.sum()
 
     def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
-        """One token drawn from ``logits`` (``history``: the text so far, for the repeat penalty)."""
+        """One token drawn from ``logits`` (``history``: the text so far, for the repeat
+        penalty); with a constraint, the grammar takes it."""
+        token = self._draw(logits, history)
+        self.take(token)
+        return token
+
+    def _draw(self, logits: np.ndarray, history: Sequence[int]) -> int:
         p = self.params
         if p.greedy and (p.repeat_penalty == 1.0 or not history):
             # The hot path: no copies (one where tokens are banned, as the mask needs).
-            return int(np.argmax(self._masked(logits) if self.banned else logits))
+            token = int(np.argmax(self._masked(logits) if self.banned else logits))
+            c = self.constraint
+            # The grammar's mask only where the model's own pick is not allowed: argmax
+            # over the allowed tokens is the same token either way, and checking one
+            # token costs a fraction of computing the mask.
+            if c is None or c.allows(token):
+                return token
+            return int(np.argmax(c.mask(self._masked(logits) if self.banned else logits)))
         cand, probs = self.distribution(logits, history)
         if len(cand) == 1:
             return int(cand[0])

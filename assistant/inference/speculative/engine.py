@@ -69,7 +69,8 @@ class SpeculativeEngine:
         token is taken when the caller asks for the next one). ``max_tokens``
         is the most tokens the caller will take: drafts never go past it, nor
         past the context window, but the caller must stop at both itself.
-        The sampler's banned tokens are never produced."""
+        The sampler's banned tokens are never produced, nor tokens its grammar
+        (``sampler.constraint``) forbids: a draft ends before its first such token."""
         run = _Decode(self, backend, sampler, history, max_tokens)
         self.drafter.begin(history, sampler.params)
         tok = sampler.sample(logits, history)
@@ -102,7 +103,9 @@ class SpeculativeEngine:
         for j in range(k + 1):
             cand, p = sampler.distribution(rows[j], history + d[:j] if sampler.params.repeat_penalty != 1.0 else ())
             if j == k:
-                return k, int(cand[sampler.choice(p)]) if len(cand) > 1 else int(cand[0])
+                nxt = int(cand[sampler.choice(p)]) if len(cand) > 1 else int(cand[0])
+                sampler.take(nxt)  # a grammar advances by every token taken, and only by those
+                return k, nxt
             qc, qp = q[j]
             tok = d[j]
             hit_p = np.flatnonzero(cand == tok)
@@ -110,6 +113,7 @@ class SpeculativeEngine:
             pd = float(p[hit_p[0]]) if len(hit_p) else 0.0
             qd = float(qp[hit_q[0]]) if len(hit_q) else 0.0
             if qd > 0 and sampler.rng.random() < min(1.0, pd / qd):
+                sampler.take(tok)
                 continue
             ids = np.union1d(cand, qc)
             pp = np.zeros(len(ids))
@@ -120,8 +124,26 @@ class SpeculativeEngine:
             total = r.sum()
             if total <= 0:  # p == q: nothing left over; p itself is the answer
                 r, total = pp, pp.sum()
-            return j, int(ids[sampler.choice(r / total)])
+            nxt = int(ids[sampler.choice(r / total)])
+            sampler.take(nxt)
+            return j, nxt
         raise AssertionError("unreachable")
+
+
+def _within_grammar(draft: Draft, sampler: Sampler) -> Draft | None:
+    """The draft up to the first token the reply's grammar (structured output) rejects:
+    that token ends the draft, since verifying it could only fail. None when nothing is
+    left. The grammar itself does not move: it advances as tokens are accepted
+    (``Sampler.sample`` / ``take``), so a rejected draft leaves nothing to roll back."""
+    constraint = sampler.constraint
+    if constraint is None:
+        return draft
+    n = constraint.valid_prefix(draft.tokens)
+    if n == len(draft.tokens):
+        return draft
+    if n == 0:
+        return None
+    return Draft(draft.tokens[:n], draft.cls, draft.q[:n] if draft.q is not None else None, draft.cost_s)
 
 
 def _needs_calibration(cost: CostModel, room: int) -> bool:
@@ -182,6 +204,9 @@ class _Decode:
             if draft and engine.exact and _needs_calibration(cost, room):
                 room = self._calibrated(room)  # first draft on this model: find the largest exact batch
         if not draft or not draft.tokens or room <= 0:
+            return None
+        draft = _within_grammar(draft, self.sampler)
+        if draft is None:
             return None
         self.room = room
         return draft
