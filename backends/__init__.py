@@ -21,6 +21,8 @@ from .base import Backend, BackendUnavailable
 BUILTIN_BACKENDS: Mapping[str, str] = types.MappingProxyType({
     "llama.cpp": "backends.llamacpp:LlamaCppBackend",
     "mlx": "backends.mlx_backend:MLXBackend",
+    # An OpenAI-compatible server named by a model alias (backend: remote, url).
+    "remote": "backends.remote:RemoteBackend",
 })
 
 

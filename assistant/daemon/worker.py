@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from backends.base import Backend, LoadOptions, ModelInfo
+from backends.remote import ChatBackend
 
 from assistant.config.models import ModelSpec
 from assistant.inference.generation import common_prefix
@@ -390,6 +391,13 @@ class ModelWorker:
         self._second_context = second_context
         self._second_asked = False
 
+    @property
+    def remote(self) -> bool:
+        """Whether a server generates for this model (a ``ChatBackend``: ``backend: remote``).
+        Its requests go to ``assistant.daemon.remote_chat`` instead of the token loop: no
+        tokens, logits, drafters, second context or local memory here."""
+        return isinstance(self.backend, ChatBackend)
+
     # -- running work ----------------------------------------------------------------
 
     async def run(self, fn: Callable[..., T], *args: Any, ticket: Ticket | None = None) -> T:
@@ -431,7 +439,7 @@ class ModelWorker:
     def backend_for(self, ticket: Ticket) -> Backend:
         """On the model thread: the instance ``ticket``'s job decodes on. Background work
         gets a second one (loaded here, the first time, if memory allows)."""
-        if ticket.priority != BACKGROUND:
+        if ticket.priority != BACKGROUND or self.remote:
             return self.backend
         if not self._second_asked:
             self._second_asked = True
@@ -488,7 +496,9 @@ class ModelWorker:
 
     async def load(self) -> ModelInfo:
         try:
-            self.info = await self.run(self.backend.load, str(self.spec.path), self.options)
+            # A remote model's "path" is its server's URL (``spec.path`` shows it without credentials).
+            where = self.spec.url if self.spec.remote else str(self.spec.path)
+            self.info = await self.run(self.backend.load, where, self.options)
         except BaseException as exc:
             self.state, self.error = "failed", str(exc)
             raise
