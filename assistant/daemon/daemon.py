@@ -59,6 +59,7 @@ class Daemon:
         self.server = RPCServer(max_line_bytes=config.max_line_bytes, send_stall_timeout=config.send_stall_timeout)
         self.process = ProcessGuard(self.socket_path)
         self.store: Store | None = None
+        self.http = None  # the HTTP API (assistant.daemon.http.HttpService) when http.listen is set
         # SQLite is blocking I/O: it gets a thread of its own, in order.
         self._db = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._stop = asyncio.Event()
@@ -152,12 +153,21 @@ class Daemon:
     async def start(self) -> None:
         if self._config_error is not None:
             raise DaemonError(self._config_error)
+        self.http = self._http_service()  # checked before anything is taken: a bad bind refuses the start
         self.process.acquire()
         try:
             self.store = await self.db(Store, self.db_path)
         except StoreError as exc:
             raise DaemonError(str(exc)) from exc
         await self.server.listen(str(self.socket_path))
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except DaemonError:
+                await self.server.close()
+                await self.db(self.store.close)
+                self.process.release()
+                raise
         log.info("daemon %s listening on %s (pid %d)", VERSION, self.socket_path, os.getpid())
         failed = [r.name for r in self.plugins.records.values() if r.status == "failed"]
         loaded = [r.name for r in self.plugins.records.values() if r.status == "loaded"]
@@ -167,6 +177,14 @@ class Daemon:
             self._spawn(self._preload())
         # Startup hooks run in the background: a slow plugin never delays serving.
         self._spawn(self._startup_plugins())
+
+    def _http_service(self):
+        """The HTTP API (``http.listen``; ``serve --http`` sets it for one run), or None when off."""
+        if not self.config.http.listen:
+            return None
+        from assistant.daemon.http import HttpService  # aiohttp is imported only where the API is on
+
+        return HttpService(self, self.config.http.listen)
 
     async def _startup_plugins(self) -> None:
         await self.plugins.acall("startup")
@@ -198,6 +216,8 @@ class Daemon:
             await asyncio.wait_for(self.plugins.acall("shutdown"), 10)
         except asyncio.TimeoutError:
             log.warning("plugin shutdown hooks took over 10 s; going on")
+        if self.http is not None:
+            await self.http.stop()  # its requests are cancelled and answered first, as the socket's are below
         await self.server.drain_and_close()
         await self.models.unload_all()
         if self.store is not None:

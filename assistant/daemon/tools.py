@@ -15,7 +15,10 @@ import re
 from typing import Any, Iterable
 
 MAX_TOOL_ROUNDS = 4
-_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+# A call as the model writes it: CALL_OPEN, the JSON {"name", "arguments"}, CALL_CLOSE.
+# CALL_PATTERN finds one (group 1: the JSON); the HTTP API's tool calls use the same three.
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+CALL_PATTERN = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.S)
 
 
 def system_prompt(skills: Iterable[Any], base: str | None = None) -> str:
@@ -37,7 +40,7 @@ def system_prompt(skills: Iterable[Any], base: str | None = None) -> str:
 def parse_calls(text: str) -> list[dict[str, Any]]:
     """The tool calls in a reply: ``{"name", "arguments"}``, or ``{"error"}`` for a malformed one."""
     calls = []
-    for raw in _CALL.findall(text):
+    for raw in CALL_PATTERN.findall(text):
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:

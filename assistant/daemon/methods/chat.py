@@ -13,6 +13,11 @@ or keep-alive unload meanwhile) and queues on it with a ``Ticket`` (its
 priority, its connection for fairness, its cancel flag): a cancel while it
 waits answers at once; past the queue's bound it is refused with ``BUSY``
 (and a session forgets the message it was refused for).
+
+``respond`` is that path for every caller: the JSON-RPC ``chat`` handler
+here and the HTTP API (``assistant.daemon.http``) each describe who asks and
+where the text goes (a ``Caller``) and call it, so sessions, scheduling,
+stats and tools are the same whichever door a request came through.
 """
 
 from __future__ import annotations
@@ -20,18 +25,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from backends.base import Backend, ContextOverflowError
 from backends.chat_template import ChatTemplateError
 
-from assistant.daemon import chat_settings, conversation, drafts, params, tools
+from assistant.daemon import chat_settings, conversation, drafts, params, remote_chat, tools
 from assistant.daemon.methods import MethodTable
 from assistant.daemon.methods.sessions import store_call
 from assistant.daemon.server import TextStream
 from assistant.daemon.worker import (BACKGROUND, Busy, CancelFlag, ModelWorker, Ticket, Withdrawn, WorkerClosed,
                                      prefill_in_steps)
 from assistant.inference import speculative
+from assistant.inference.constraints import ConstraintError
 from assistant.inference.generation import GenerationResult, common_prefix, generate
 from assistant.inference.stats import GenerationStats
 from assistant.protocol import ErrorCode, RPCError
@@ -48,21 +54,52 @@ class Turn:
     session: str | None = None
     user_message: dict[str, Any] | None = None
     tools: set[str] = field(default_factory=set)
+    raw: str | None = None  # a prompt sent as it is, without the chat template (HTTP's completions)
+
+
+def _no_tool_events(event: dict[str, Any]) -> None:
+    pass
+
+
+@dataclass
+class Caller:
+    """Who a chat is for and where its output goes (a JSON-RPC request, an HTTP request).
+
+    ``cancel`` stops it (set from any thread); ``client`` is its scheduling
+    identity (clients take turns); ``deltas`` takes the text as it comes:
+    ``push(text)`` from the model's thread, ``flush()`` on the loop (a
+    ``server.TextStream``); ``on_tool`` gets each skill call's outcome."""
+
+    cancel: CancelFlag
+    client: Any
+    deltas: Any
+    on_tool: Callable[[dict[str, Any]], None] = _no_tool_events
 
 
 @rpc.method("chat", params.Chat)
 async def chat(d, req, p: params.Chat) -> dict[str, Any]:
-    started = time.perf_counter()
     # A flag that says when it is set, so a generation still queued leaves the queue
     # at once on cancel or disconnect (the server makes a plain Event, only pollable).
     req.cancel = CancelFlag.adopt(req.cancel)
-    ticket = Ticket(chat_settings.priority(p), client=getattr(req.conn, "id", None), cancel=req.cancel)
+    caller = Caller(req.cancel, getattr(req.conn, "id", None), TextStream(req.conn, "chat.delta", {"id": req.id}),
+                    lambda event: req.conn.notify("chat.tool", {"id": req.id, **event}))
+    return await respond(d, p, caller)
+
+
+async def respond(d, p: params.Chat, caller: Caller, *, raw: str | None = None,
+                  offered: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One reply for ``caller``: the chat path (see the module docstring). ``raw``: a prompt
+    to send as it is (no template, no session). ``offered``: tools the caller runs itself
+    (name -> an object with name, description and parameters), described to the model
+    but never run here: their calls stay in the reply's text for the caller to take."""
+    started = time.perf_counter()
+    ticket = Ticket(chat_settings.priority(p), client=caller.client, cancel=caller.cancel)
     keep_alive = chat_settings.keep_alive(p)
     spec_request = chat_settings.requested(p, d.drafters)
-    turn = await _prepare(d, p)
+    turn = Turn(p, [], raw=raw) if raw is not None else await _prepare(d, p, offered)
     worker = await d.models.get(turn.p.model, backend=p.backend, hold=True)
     try:
-        return await _reply(d, req, turn, worker, ticket, spec_request, started)
+        return await _reply(d, caller, turn, worker, ticket, spec_request, started)
     except RPCError as exc:
         if exc.code == ErrorCode.BUSY and turn.user_message is not None:
             # Refused before it waited: the client asks again, the message must not be there twice.
@@ -72,12 +109,13 @@ async def chat(d, req, p: params.Chat) -> dict[str, Any]:
         d.models.release(worker, keep_alive)
 
 
-async def _reply(d, req, turn: Turn, worker: ModelWorker, ticket: Ticket, spec_request: dict[str, Any],
-                 started: float) -> dict[str, Any]:
+async def _reply(d, caller: Caller, turn: Turn, worker: ModelWorker, ticket: Ticket,
+                 spec_request: dict[str, Any], started: float) -> dict[str, Any]:
     """Generate with ``worker``, store the reply in the session, report it."""
     spec = dataclasses.replace(chat_settings.configured(d.config, worker.key), **spec_request)
-    draft = await drafts.load_draft(d.models, worker, spec.draft_model) if spec.wants_draft_model() else None
-    gens, tool_calls = await _generate(d, req, turn, worker, ticket, spec, draft, started)
+    wants_draft = spec.wants_draft_model() and not worker.remote  # a server's model drafts there, if at all
+    draft = await drafts.load_draft(d.models, worker, spec.draft_model) if wants_draft else None
+    gens, tool_calls = await _generate(d, caller, turn, worker, ticket, spec, draft, started)
     gen = gens[-1]
     stats = dataclasses.replace(gen.stats, completion_tokens=sum(g.stats.completion_tokens or 0 for g in gens),
                                 tool_calls=len(tool_calls) or None).as_dict()
@@ -88,6 +126,8 @@ async def _reply(d, req, turn: Turn, worker: ModelWorker, ticket: Ticket, spec_r
     reply: dict[str, Any] = {"text": text, "finish_reason": gen.finish_reason, "stats": stats, "model": worker.key}
     if tool_calls:
         reply["tool_calls"] = tool_calls
+    if turn.p.response_format is not None and gen.complete is not None:
+        reply["complete"] = gen.complete  # a whole reply of its grammar (not cut by max_tokens or a stop)
     if turn.session is not None:
         status = "complete" if gen.finish_reason != "cancelled" else "cancelled"
         msg = await store_call(d, d.store.add_message, turn.session, "assistant", text, stats=stats, status=status)
@@ -99,9 +139,10 @@ async def _reply(d, req, turn: Turn, worker: ModelWorker, ticket: Ticket, spec_r
     return reply
 
 
-async def _prepare(d, p: params.Chat) -> Turn:
+async def _prepare(d, p: params.Chat, offered: dict[str, Any] | None = None) -> Turn:
     """The conversation: the request's messages, or the session's history and the new
-    message (stored now); the system prompt; the skills offered as tools."""
+    message (stored now); the system prompt; the skills (or the caller's ``offered``
+    tools) described as tools."""
     messages, user_text = conversation.from_request(p)
     turn = Turn(p, messages)
     if p.session is not None:
@@ -120,20 +161,28 @@ async def _prepare(d, p: params.Chat) -> Turn:
     turn.tools = conversation.tools_param(p.tools, d.plugins.skills)
     if turn.tools:
         turn.messages = conversation.with_tools(turn.messages, turn.tools, d.plugins.skills)
+    elif offered:
+        turn.messages = conversation.with_tools(turn.messages, set(offered), offered)
     turn.messages = conversation.alternate(turn.messages)
     return turn
 
 
-async def _generate(d, req, turn: Turn, worker: ModelWorker, ticket: Ticket, spec: chat_settings.SpecSettings,
-                    draft: Backend | None, started: float) -> tuple[list[GenerationResult], list[dict[str, Any]]]:
+async def _generate(d, caller: Caller, turn: Turn, worker: ModelWorker, ticket: Ticket,
+                    spec: chat_settings.SpecSettings, draft: Backend | None,
+                    started: float) -> tuple[list[GenerationResult], list[dict[str, Any]]]:
     """Generate, running the skills the model calls and letting it go on, up to MAX_TOOL_ROUNDS."""
     sampling, max_tokens = chat_settings.sampling(turn.p, d.config, worker.spec)
-    deltas = TextStream(req.conn, "chat.delta", {"id": req.id})
+    deltas = caller.deltas
 
     def work(messages: list[dict[str, str]]) -> GenerationResult:
+        if worker.remote:  # the server generates: the turn's messages and settings go there
+            return remote_chat.generate(worker.backend, messages, sampling, max_tokens=max_tokens, stop=turn.p.stop,
+                                        on_text=deltas.push, cancel=ticket.cancel, started=started,
+                                        ignore_eos=turn.p.ignore_eos, label=worker.key, raw=turn.raw)
         backend = worker.backend_for(ticket)  # background work: a context of its own where memory allows
         engine = chat_settings.engine(spec, backend, draft, d.drafters, d.calibration, worker.costs)  # bad ones fail here
-        prompt = backend.tokenize(backend.apply_chat_template(messages), special=True)
+        text = turn.raw if turn.raw is not None else backend.apply_chat_template(messages)
+        prompt = backend.tokenize(text, special=True)
         gate = worker.checkpoint(ticket, engine, backend)  # the cancel flag, and where background work gives way
         early = _prefill_in_steps(backend, prompt, gate) if ticket.priority == BACKGROUND else None
         result = generate(backend, prompt, sampling, max_tokens=max_tokens, stop=turn.p.stop, on_text=deltas.push,
@@ -156,7 +205,7 @@ async def _generate(d, req, turn: Turn, worker: ModelWorker, ticket: Ticket, spe
         if not calls or gen.finish_reason == "cancelled" or len(tool_calls) >= tools.MAX_TOOL_ROUNDS:
             return gens, tool_calls
         # The model asked for skills: run them, hand back the results, let it go on.
-        results = [await _run_tool(d, call, turn.tools, req) for call in calls]
+        results = [await _run_tool(d, call, turn.tools, caller) for call in calls]
         tool_calls.extend(results)
         messages = conversation.alternate(messages + [{"role": "assistant", "content": gen.text},
                                                       tools.response_message(results)])
@@ -184,6 +233,8 @@ async def _run(worker: ModelWorker, ticket: Ticket, work, messages, deltas: Text
         raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
     except ChatTemplateError as exc:  # the model's template refused the conversation or went over a bound
         raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+    except ConstraintError as exc:  # a response_format this model cannot follow (no end-of-generation token...)
+        raise RPCError(ErrorCode.INVALID_PARAMS, str(exc)) from None
     finally:
         deltas.flush()  # every delta goes out before the tool calls or the final response
 
@@ -207,8 +258,8 @@ def _withdrawn(worker: ModelWorker, started: float) -> GenerationResult:
         context_length=info.context_length, context_used=0, context_full=False, finish_reason="cancelled"))
 
 
-async def _run_tool(d, call: dict[str, Any], allowed: set[str], req) -> dict[str, Any]:
-    """Run one tool call the model made and tell the client (``chat.tool``)."""
+async def _run_tool(d, call: dict[str, Any], allowed: set[str], caller: Caller) -> dict[str, Any]:
+    """Run one tool call the model made and tell the caller (``chat.tool`` over JSON-RPC)."""
     if "error" in call:
         result: dict[str, Any] = {"error": call["error"]}
     elif call["name"] not in allowed:
@@ -219,6 +270,5 @@ async def _run_tool(d, call: dict[str, Any], allowed: set[str], req) -> dict[str
             result = {"name": call["name"], "result": await d.call_skill(call["name"], args)}
         except RPCError as exc:
             result = {"name": call["name"], "error": exc.message}
-    req.conn.notify("chat.tool", {"id": req.id, **({"arguments": call.get("arguments")} if "name" in call else {}),
-                                  **result})
+    caller.on_tool({**({"arguments": call.get("arguments")} if "name" in call else {}), **result})
     return result

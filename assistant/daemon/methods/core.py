@@ -50,6 +50,8 @@ async def status(d, req, _p) -> dict[str, Any]:
         "loading": d.models.loading(),
         "connections": len(d.server.connections),
         "requests_in_flight": d.server.in_flight(exclude=req),
+        # the HTTP API: {"url", "in_flight"} (its requests admitted and not finished), None when off
+        "http": d.http.describe() if d.http is not None else None,
     }
 
 
