@@ -32,6 +32,10 @@ class ModelLoadError(BackendError):
     """The model file is missing, unreadable, corrupt or of an unsupported kind."""
 
 
+class EmbeddingsUnsupported(BackendError):
+    """This backend (or model) cannot compute embeddings (``Backend.embed``)."""
+
+
 class ContextOverflowError(BackendError):
     """More tokens were asked for than the model's context window holds."""
 
@@ -71,7 +75,34 @@ class LoadOptions:
     machine: MachineFigures | None = None
     # A separate MTP drafter model (Gemma 4's gemma4-assistant) loaded beside the target and
     # paired with it; None: only the model's own NextN layers, if any (``mtp_support``).
+    # A drafter that does not pair is refused (ModelLoadError) before anything loads.
     mtp_model: str | None = None
+
+
+MTP_KINDS = ("nextn", "assistant")  # what ``Backend.mtp_kind`` returns (or None)
+
+
+@dataclass(frozen=True)
+class MtpPairing:
+    """Whether a separate MTP drafter model pairs with a target model, checked
+    from headers/config files alone (nothing loaded). ``differences`` names
+    each mismatch ("architecture llama, expected gemma4-assistant", ...);
+    ``ok`` is True when there is none. Backends and ``doctor`` share it."""
+
+    drafter: str  # the drafter's path
+    target: str  # the target's path
+    differences: tuple[str, ...] = ()
+    kind: str = "assistant"
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+    def why(self) -> str:
+        """One sentence: why it pairs, or every reason it does not."""
+        if self.ok:
+            return f"{self.drafter} pairs with {self.target}"
+        return f"{self.drafter} does not pair with {self.target}: " + "; ".join(self.differences)
 
 
 @dataclass
@@ -196,12 +227,28 @@ class Backend(abc.ABC):
         else (False, why not). The default: this backend has none."""
         return False, f"the {self.name} backend has no multi-token-prediction support"
 
+    def mtp_kind(self) -> str | None:
+        """Which multi-token-prediction drafter :meth:`mtp_draft` runs: ``"nextn"``
+        (the model's own NextN layers), ``"assistant"`` (a separate drafter model
+        paired with it, ``LoadOptions.mtp_model`` or a sibling ``mtp-*.gguf``),
+        or None when there is none. Stats carry it beside ``drafter: mtp``."""
+        return None
+
     def mtp_draft(self, tokens: Sequence[int], n: int) -> list[int]:
         """Up to ``n`` greedy guesses of the tokens after ``tokens`` from the
-        model's own multi-token-prediction (NextN) layers. ``tokens`` is the
+        model's multi-token-prediction drafter (its own NextN layers, or the
+        paired assistant model: :meth:`mtp_kind`). ``tokens`` is the
         cache plus one token not yet evaluated (the engine's state between
         steps); [] where nothing can be drafted. The cache is left as it was."""
         raise BackendError(self.mtp_support()[1])
+
+    # -- optional: embeddings (the HTTP API's /v1/embeddings) --------------------
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One embedding per text: unit-length (L2-normalised) float vectors of the
+        model's embedding size. Raises ``EmbeddingsUnsupported`` where the backend
+        has none (the default), ``ContextOverflowError`` for a text too long to embed."""
+        raise EmbeddingsUnsupported(f"the {self.name} backend cannot compute embeddings")
 
 
 class IncrementalDecoder:

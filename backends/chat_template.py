@@ -4,9 +4,10 @@ A model's own template (Jinja, from ``tokenizer.chat_template`` in a GGUF
 file or from ``tokenizer_config.json`` / ``chat_template.jinja`` in a model
 folder) is rendered in a sandbox with the helpers Hugging Face templates
 expect (``raise_exception``, ``tojson``, ``strftime_now``). When the model
-has none we fall back to ChatML for generic models and to Gemma's
-``<start_of_turn>``/``<end_of_turn>`` format for gemma architectures; a
-template from the config overrides both.
+has none we fall back to ChatML for generic models, to Gemma 4's
+``<|turn>``/``<turn|>`` format for gemma4 architectures and to Gemma's
+``<start_of_turn>``/``<end_of_turn>`` format for the other gemma ones
+(:func:`fallback_template`); a template from the config overrides them.
 
 :func:`choose_template` makes that choice (config > model > fallback) and
 :func:`render` renders, so every backend picks and renders templates the
@@ -61,6 +62,35 @@ GEMMA_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
+
+# Gemma 4's turn format (google-gemma-4-31B-it.jinja, vendored in llama.cpp's
+# models/templates; its tools, media and thinking left out): a leading system
+# (or developer) message is a turn of its own, the assistant's role is "model",
+# turns are <|turn>ROLE ... <turn|>. With thinking off, as here, the real
+# template opens the reply with an empty thought channel.
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set loop_messages = messages %}"
+    "{% if messages and messages[0]['role'] in ['system', 'developer'] %}"
+    "{{ '<|turn>system\n' + messages[0]['content'] | trim + '<turn|>\n' }}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<|turn>' + role + '\n' + message['content'] | trim + '<turn|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\n<|channel>thought\n<channel|>' }}{% endif %}"
+)
+
+
+def fallback_template(arch: str) -> tuple[str, str]:
+    """(template, what it is) for a model of architecture ``arch`` without one of
+    its own: Gemma 4's turns, Gemma's (1-3), else ChatML."""
+    if arch.startswith("gemma4"):
+        return GEMMA4_TEMPLATE, "Gemma 4 turns"
+    if arch.startswith("gemma"):
+        return GEMMA_TEMPLATE, "Gemma turns"
+    return CHATML_TEMPLATE, "ChatML"
 
 
 def compile_template(source: str):
@@ -134,8 +164,7 @@ def choose_template(own: str | None, arch: str, override: str | None,
             check_template(compiled, model=model, origin="the model's own")
             choices["chat_template"] = "the model's own"
             return own, compiled, "model"
-    fallback = GEMMA_TEMPLATE if arch.startswith("gemma") else CHATML_TEMPLATE
-    kind = "Gemma turns" if fallback is GEMMA_TEMPLATE else "ChatML"
+    fallback, kind = fallback_template(arch)
     choices.setdefault("chat_template", f"the model has none; fallback {kind}")
     return fallback, compile_template(fallback), "fallback"
 

@@ -25,6 +25,9 @@ and the hot path (``forward``, ``truncate``):
   (threads, context size, KV cache types, sliding window) with its reason;
 - ``llamacpp_vocab``: the tokenizer and special tokens;
 - ``llamacpp_mtp``: the multi-token-prediction (NextN) draft context;
+  ``llamacpp_mtp_assistant``: a separate MTP drafter model (Gemma 4's
+  ``gemma4-assistant``, ``LoadOptions.mtp_model``) over the target's KV cache;
+- ``llamacpp_embed``: the embedding context (``embed``), made on first use;
 - ``chat_template`` and ``forward_args``: shared with the other backends.
 
 Chat templates. What the two test models' GGUF files carry (checked with
@@ -66,8 +69,10 @@ from .base import (
     ModelLoadError,
 )
 from .forward_args import logit_rows, overflow_error
+from .llamacpp_embed import Embedder
 from .llamacpp_load import LoadedModel, gguf_path, open_model
 from .llamacpp_mtp import MtpContext
+from .llamacpp_mtp_assistant import AssistantContext
 from .llamacpp_native import LOG_TAIL, library_availability, llama_said, logits_ith
 from .llamacpp_native import llama as _llama  # assistant/cli/bench_spec.py imports it from here
 from .llamacpp_vocab import LlamaVocab
@@ -90,8 +95,10 @@ class LlamaCppBackend(Backend):
         self._tokens: list[int] = []
         self._template = None  # compiled jinja2 template
         self._eog: frozenset[int] = frozenset()
-        self._mtp: MtpContext | None = None  # the MTP draft context, where the model has NextN layers
+        # the MTP draft context: the model's NextN layers, or a separate assistant model
+        self._mtp: MtpContext | AssistantContext | None = None
         self._mtp_why = "no model is loaded"
+        self._embedder: Embedder | None = None  # the embedding context, made by the first embed()
 
     # -- availability --------------------------------------------------------
 
@@ -111,7 +118,9 @@ class LlamaCppBackend(Backend):
         """Load a GGUF file, replacing the model loaded before. ``options.extra``
         may hold ``n_gpu_layers``, ``n_threads_batch``, ``flash_attn``,
         ``kv_type``, ``swa_full``, ``mtp`` (False: no MTP draft context) and
-        ``name``; every choice made, and why, is in ``ModelInfo.choices``."""
+        ``name``; every choice made, and why, is in ``ModelInfo.choices``.
+        ``options.mtp_model`` names a separate MTP drafter (``gemma4-assistant``),
+        refused (ModelLoadError, before the target loads) when it does not pair."""
         options = options or LoadOptions()
         if self._loaded is not None:
             self.unload()
@@ -163,6 +172,9 @@ class LlamaCppBackend(Backend):
             return
         self._mtp = None
         self._mtp_why = "no model is loaded"
+        if self._embedder is not None:
+            self._embedder.free()
+            self._embedder = None
         self._ctx = self._batch = self._mem = self._vocab = None
         self._b_token = self._b_pos = self._b_logits = None
         self._info = None
@@ -181,8 +193,13 @@ class LlamaCppBackend(Backend):
 
     # -- multi-token prediction ------------------------------------------------
 
+    def mtp_kind(self) -> str | None:
+        """"nextn" (the model's own layers), "assistant" (a paired drafter model) or None."""
+        return self._mtp.kind if self._mtp is not None else None
+
     def mtp_support(self) -> tuple[bool, str]:
-        """(whether ``mtp_draft`` can draft, why): the model's NextN layers and their context."""
+        """(whether ``mtp_draft`` can draft, why): the model's NextN layers or its
+        paired assistant model, and their context."""
         if self._ctx is None:
             return False, "no model is loaded"
         if self._mtp is None:
@@ -190,7 +207,8 @@ class LlamaCppBackend(Backend):
         return True, self._mtp_why
 
     def mtp_draft(self, tokens: Sequence[int], n: int) -> list[int]:
-        """Greedy drafts from the model's NextN layers (see ``llamacpp_mtp``)."""
+        """Greedy drafts from the model's NextN layers or its assistant model
+        (``llamacpp_mtp``, ``llamacpp_mtp_assistant``)."""
         self._require()
         mtp = self._mtp
         if mtp is None:
@@ -204,6 +222,17 @@ class LlamaCppBackend(Backend):
         if n <= 0:
             return []
         return mtp.draft(cache, int(tokens[N]), n)
+
+    # -- embeddings --------------------------------------------------------------
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Unit-length embeddings of ``texts`` from a context of their own (``llamacpp_embed``);
+        ContextOverflowError for a text longer than that context."""
+        self._require()
+        token_lists = [self._vocab.tokenize(t, add_bos=True, special=False) for t in texts]
+        if self._embedder is None:
+            self._embedder = Embedder(self._loaded, self._n_ctx)
+        return self._embedder.embed(token_lists)
 
     # -- tokenizer -------------------------------------------------------------
 
@@ -306,7 +335,7 @@ class LlamaCppBackend(Backend):
             if rc != 0:
                 self._decode_failed(rc, n0, n)
             if self._mtp is not None:
-                self._mtp.keep_hidden(n0 + start, m)
+                self._mtp.keep_hidden(n0 + start, m, [r - start for r in here])
             for r in here:
                 src = self._logits_ith(ctx, r - start)
                 for k in wanted[r]:

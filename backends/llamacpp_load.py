@@ -8,6 +8,13 @@ does the rest in order: :func:`load_model` (weights, mmapped),
 types, sliding window), :func:`create_context`, the batch, the MTP draft
 context (``llamacpp_mtp``), the vocabulary (``llamacpp_vocab``) and the chat
 template, and hands back a :class:`LoadedModel` that owns all of them.
+
+A separate MTP drafter (``LoadOptions.mtp_model``: Gemma 4's
+``gemma4-assistant``) is checked against the target's header
+(``mtp_pairing``) and its weights loaded *before* the target's, so a drafter
+that does not pair, is not a GGUF file or is truncated is refused before
+anything of the target is loaded; its context (``llamacpp_mtp_assistant``)
+is made once the target's exists.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from . import chat_template, sizing
 from .base import LoadOptions, ModelInfo, ModelLoadError
 from .gguf import GGUF_MAGIC
 from .llamacpp_mtp import MtpContext, open_mtp
+from .llamacpp_mtp_assistant import AssistantContext, load_assistant_model
+from .mtp_pairing import check_assistant
 from .llamacpp_native import LOG_TAIL, explain_load_failure, llama_said
 from .llamacpp_vocab import LlamaVocab
 
@@ -180,7 +189,19 @@ def plan_context(C, model, arch: str, path: Path, options: LoadOptions, extra: d
 
 
 def _context_size(C, model, arch: str, path: Path, options: LoadOptions, machine) -> tuple[int, str]:
-    """(context size, why): the config's, else what fits the machine beside the weights."""
+    """(context size, why): the config's, else what fits the machine beside the weights:
+    the memory plan's largest context when ``extra["memory_plan"]`` (the daemon's
+    loads), else the simple rule (file size + a full-layer KV per token)."""
+    requested = int(options.n_ctx) if options.n_ctx else None
+    if requested is not None and requested < 16:
+        raise ModelLoadError(f"context size {requested} is too small (at least 16 tokens)")
+    train_ctx = int(C.llama_model_n_ctx_train(model))
+    extra = options.extra or {}
+    if extra.get("memory_plan"):  # the daemon asks for it: weights, drafter, KV by layer kind, compute
+        drafting = bool(extra.get("mtp", True))  # drafting off: the drafter is not loaded
+        return sizing.pick_context_for_load(machine, path, train_ctx=train_ctx, requested=requested, extra=extra,
+                                            n_batch=options.n_batch,
+                                            mtp_model=options.mtp_model if drafting else None)
     n_head = max(1, int(C.llama_model_n_head(model)))
     n_embd = int(C.llama_model_n_embd(model))
     head_k = int(meta_str(C, model, f"{arch}.attention.key_length") or n_embd // n_head)
@@ -188,12 +209,9 @@ def _context_size(C, model, arch: str, path: Path, options: LoadOptions, machine
     n_layer = int(C.llama_model_n_layer(model))
     n_head_kv = int(C.llama_model_n_head_kv(model))
     kv_bytes_per_token = n_layer * n_head_kv * (head_k + head_v) * 2  # f16 K and V
-    requested = int(options.n_ctx) if options.n_ctx else None
-    if requested is not None and requested < 16:
-        raise ModelLoadError(f"context size {requested} is too small (at least 16 tokens)")
     return sizing.pick_context(
         machine,
-        train_ctx=int(C.llama_model_n_ctx_train(model)),
+        train_ctx=train_ctx,
         model_bytes=path.stat().st_size,
         kv_bytes_per_token=kv_bytes_per_token,
         requested=requested,
@@ -246,7 +264,7 @@ class LoadedModel:
     batch: Any  # a llama_batch of plan.n_batch rows, one sequence
     plan: ContextPlan
     vocab: LlamaVocab
-    mtp: MtpContext | None  # the MTP draft context, where the model has NextN layers
+    mtp: MtpContext | AssistantContext | None  # the MTP draft context: NextN layers or an assistant model
     mtp_why: str  # why there is one, or none
     template: Any  # the compiled chat template
     info: ModelInfo
@@ -264,7 +282,7 @@ def _one_sequence(batch, n_batch: int) -> None:
         batch.seq_id[i][0] = 0
 
 
-def _free(C, mtp: MtpContext | None, batch, ctx, model) -> None:
+def _free(C, mtp: MtpContext | AssistantContext | None, batch, ctx, model) -> None:
     """Free what was made, in the reverse order of making (None: not made)."""
     if mtp is not None:
         mtp.free()
@@ -281,7 +299,13 @@ def open_model(C, path: Path, options: LoadOptions, backend: str) -> LoadedModel
     context, batch, MTP draft context, vocabulary and chat template; on any
     failure all that was made is freed again."""
     extra = dict(options.extra or {})
-    model = load_model(C, path, extra)
+    drafter_path, drafter_model = _assistant_first(C, path, options, extra)
+    try:
+        model = load_model(C, path, extra)
+    except BaseException:
+        if drafter_model is not None:
+            C.llama_model_free(drafter_model)
+        raise
     ctx = batch = mtp = None
     try:
         vocab = LlamaVocab(C, model, path)
@@ -291,7 +315,15 @@ def open_model(C, path: Path, options: LoadOptions, backend: str) -> LoadedModel
         ctx = create_context(C, model, plan, path)
         batch = C.llama_batch_init(plan.n_batch, 0, 1)
         _one_sequence(batch, plan.n_batch)
-        mtp, mtp_why = open_mtp(C, model, ctx, plan.cparams, arch, extra, choices)
+        if drafter_model is not None:
+            mtp = AssistantContext(C, drafter_model, ctx, plan.cparams, drafter_path)
+            drafter_model = None  # the context owns it now
+            choices["mtp"] = mtp_why = mtp.describe()
+        else:
+            mtp, mtp_why = open_mtp(C, model, ctx, plan.cparams, arch, extra, choices)
+            if options.mtp_model and mtp is None:
+                choices["mtp"] = mtp_why = (f"MTP drafter {options.mtp_model} not loaded: the model was "
+                                            "loaded with drafting off")
         raw = C.llama_model_chat_template(model, None)
         own = raw.decode("utf-8", "replace") if raw else None
         template, compiled, source = chat_template.choose_template(
@@ -316,5 +348,18 @@ def open_model(C, path: Path, options: LoadOptions, backend: str) -> LoadedModel
         )
     except BaseException:
         _free(C, mtp, batch, ctx, model)
+        if drafter_model is not None:
+            C.llama_model_free(drafter_model)
         raise
     return LoadedModel(C, model, ctx, batch, plan, vocab, mtp, mtp_why, compiled, info)
+
+
+def _assistant_first(C, path: Path, options: LoadOptions, extra: dict[str, Any]) -> tuple[Path | None, Any]:
+    """(the drafter's path, its llama_model) for ``options.mtp_model``, checked
+    against the target's header and loaded before the target; (None, None)
+    when there is none or drafting is off. ModelLoadError naming what is wrong."""
+    if not options.mtp_model or not extra.get("mtp", True):
+        return None, None
+    drafter = Path(os.path.expanduser(str(options.mtp_model)))
+    check_assistant(path, drafter)  # missing, not GGUF, or not this target's: refused here
+    return drafter, load_assistant_model(C, drafter, extra)

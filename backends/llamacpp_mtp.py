@@ -44,7 +44,18 @@ class MtpContext:
     loses the row at the cut; it is replaced by zeros, as llama.cpp does for
     position 0: drafts may be a little worse there, never wrong, since the
     target verifies every drafted token.
+
+    A model with several NextN layers (MiMo-V2, Step-3.5: one trained head per
+    future token) uses each of them (``chain``, llama.cpp's ``chain_heads``):
+    the catch-up runs once per head (``llama_set_nextn_layer_offset``; the
+    KV cache is per layer), and draft step i runs head i over the whole draft
+    so far (the token at N and the i guesses before, with the hidden states
+    that made them), so a proposal has at most as many tokens as there are
+    heads. ``extra={"mtp_heads": 1}`` (``open_mtp``) uses only the first head
+    for every step instead, as a single-head model does.
     """
+
+    kind = "nextn"
 
     def __init__(self, C, model, ctx, cparams, n_nextn: int):
         from llama_cpp import llama_cpp_ext as X
@@ -77,6 +88,11 @@ class MtpContext:
         X.llama_set_embeddings_nextn(ctx, True, False)  # every row of every target batch
         X.llama_set_embeddings_nextn(self.ctx, True, True)  # the MTP's own rows: the output ones
         self.mirrored = 0  # the MTP cache holds positions [0, mirrored) of the target's text
+        self.n_heads = max(1, int(n_nextn))
+        self.chain = self.n_heads > 1  # one head per draft step (see the class doc)
+        self._set_head = getattr(X, "llama_set_nextn_layer_offset", None)
+        if self.chain and self._set_head is None:
+            self.chain = False  # a binding without it: the first head for every step
         self.h = np.zeros((64, self.n_embd), dtype=np.float32)  # hidden rows of positions h0, h0+1, ...
         self.h0 = 0
         self.h_end = 0  # rows valid for positions [h0, h_end)
@@ -102,8 +118,9 @@ class MtpContext:
 
     # the target's side
 
-    def keep_hidden(self, pos0: int, m: int) -> None:
-        """After a target decode of ``m`` tokens at positions ``pos0``...: keep their hidden rows."""
+    def keep_hidden(self, pos0: int, m: int, outputs: list[int] | None = None) -> None:
+        """After a target decode of ``m`` tokens at positions ``pos0``...: keep their
+        hidden rows (all of them, unmasked: ``outputs`` does not matter here)."""
         if pos0 < self.h0:  # cannot happen after cut(); be safe
             self.h0 = self.h_end = pos0
         need = pos0 + m - self.h0
@@ -157,18 +174,25 @@ class MtpContext:
             self.C.llama_memory_seq_rm(self.mem, 0, self.mirrored, -1)
             raise BackendError(f"the MTP draft decode failed (code {rc})" + (f": {said}" if said else ""))
 
-    def draft(self, cache: list[int], last: int, n: int) -> list[int]:
-        """``cache`` is the target's text (positions 0..N-1), ``last`` the token
-        at N (not evaluated by the target yet): up to ``n`` greedy guesses."""
+    def describe(self, arch: str) -> str:
+        heads = f"{self.n_heads} NextN layer(s)"
+        if self.chain:
+            heads += ", one head per draft step"
+        elif self.n_heads > 1:
+            heads += ", the first one for every draft step"
+        return f"draft context over {heads} ({arch})"
+
+    def _catch_up(self, cache: list[int], N: int) -> None:
+        """Evaluate the text the target evaluated since the last draft, under every
+        head in turn (chain) or the first. Not in the same batch as a draft row:
+        in a batch that mixes rows without output and an output row, the NextN
+        hidden state llama.cpp returns for the output row is not that row's (its
+        logits are right; measured on this build), and the next draft step needs it."""
         C = self.C
-        N = len(cache)
-        out: list[int] = []
-        try:
-            # catch up with what the target evaluated since the last draft. Not
-            # in the same batch as the first draft row: in a batch that mixes
-            # rows without output and an output row, the NextN hidden state
-            # llama.cpp returns for the output row is not that row's (its logits
-            # are right; measured on this build), and the next draft step needs it.
+        for head in range(self.n_heads if self.chain else 1):
+            if self.chain:
+                C.llama_memory_seq_rm(self.mem, 0, self.mirrored, -1)  # this head's layer, afresh
+                self._set_head(self.ctx, head)
             C.llama_batch_ext_clear(self.batch)
             rows = 0
             for p in range(self.mirrored, N):
@@ -177,23 +201,67 @@ class MtpContext:
                 if rows == self.n_batch or p == N - 1:
                     self._process()
                     rows = 0
-            self.mirrored = N
-            self._add(last, N, self._hidden(N - 1), True)
+        self.mirrored = N
+
+    def _guess(self, i: int = -1) -> tuple[int, np.ndarray | None]:
+        """The greedy token and the hidden state of output row ``i`` of the last draft decode."""
+        C = self.C
+        row = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+        src = self._get_h_ith(self.ctx, i)
+        h = np.ctypeslib.as_array(src, shape=(self.n_embd,)).copy() if src else None
+        return int(row.argmax()), h
+
+    def _draft_one_head(self, last: int, N: int, n: int) -> list[int]:
+        """One head (the first) for every step: each guess fed back at the next position."""
+        out: list[int] = []
+        self._add(last, N, self._hidden(N - 1), True)
+        self._process()
+        for i in range(n):
+            tok, h = self._guess()
+            out.append(tok)
+            if i + 1 == n or h is None:
+                break
+            self._add(tok, N + 1 + i, h, True)
             self._process()
-            for i in range(n):
-                row = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
-                tok = int(row.argmax())
-                out.append(tok)
-                if i + 1 == n:
-                    break
-                src = self._get_h_ith(self.ctx, -1)
-                if not src:
-                    break
-                h = np.ctypeslib.as_array(src, shape=(self.n_embd,)).copy()
-                self._add(tok, N + 1 + i, h, True)
-                self._process()
+        return out
+
+    def _draft_chain(self, last: int, N: int, n: int) -> list[int]:
+        """Head i for step i, over the whole draft so far (rebuilt from position N:
+        the KV of head i's layer has nothing there yet). Every row outputs (see
+        ``_catch_up`` on mixed batches); the last row's guess is this step's."""
+        C = self.C
+        toks, hs = [int(last)], [self._hidden(N - 1)]
+        out: list[int] = []
+        for i in range(min(n, self.n_heads)):
+            if i:
+                C.llama_memory_seq_rm(self.mem, 0, N, -1)
+            self._set_head(self.ctx, i)
+            for t, (tok, h) in enumerate(zip(toks, hs)):
+                self._add(tok, N + t, h, True)
+            self._process()
+            tok, h = self._guess(len(toks) - 1)
+            out.append(tok)
+            if h is None:
+                break
+            toks.append(tok)
+            hs.append(h)
+        return out
+
+    def draft(self, cache: list[int], last: int, n: int) -> list[int]:
+        """``cache`` is the target's text (positions 0..N-1), ``last`` the token
+        at N (not evaluated by the target yet): up to ``n`` greedy guesses (at
+        most one per head where each step has its own)."""
+        C = self.C
+        N = len(cache)
+        try:
+            self._catch_up(cache, N)
+            if self.chain:
+                return self._draft_chain(last, N, n)
+            return self._draft_one_head(last, N, n)
         finally:
             C.llama_batch_ext_clear(self.batch)
+            if self.chain:
+                self._set_head(self.ctx, 0)  # the default for anything else
             # the draft rows are not part of the text: the MTP cache mirrors [0, N)
             if C.llama_memory_seq_pos_max(self.mem, 0) >= N:
                 C.llama_memory_seq_rm(self.mem, 0, min(self.mirrored, N), -1)
@@ -202,7 +270,6 @@ class MtpContext:
                 k = self.h_end - (N - 1)
                 self.h[:k] = self.h[N - 1 - self.h0 : self.h_end - self.h0]
                 self.h0 = N - 1
-        return out
 
 
 def open_mtp(C, model, ctx, cparams, arch: str, extra: dict[str, Any],
@@ -213,7 +280,8 @@ def open_mtp(C, model, ctx, cparams, arch: str, extra: dict[str, Any],
     n_nextn = int(C.llama_model_n_layer_nextn(model)) if hasattr(C, "llama_model_n_layer_nextn") else 0
     if n_nextn <= 0:
         return None, (f"the model has no multi-token-prediction (NextN) layers "
-                      f"(architecture {arch}, nextn_predict_layers absent or 0)")
+                      f"(architecture {arch}, nextn_predict_layers absent or 0) and no separate MTP drafter "
+                      "was given (speculative.mtp_model, or an mtp-*.gguf beside the model file that pairs)")
     if not extra.get("mtp", True):
         why = "its MTP layers were not loaded (the model was loaded with drafting off)"
         choices["mtp"] = why
@@ -224,5 +292,7 @@ def open_mtp(C, model, ctx, cparams, arch: str, extra: dict[str, Any],
         why = f"the model has {n_nextn} NextN layer(s) but llama.cpp cannot run them: {exc}"
         choices["mtp"] = why
         return None, why
-    choices["mtp"] = f"draft context over {n_nextn} NextN layer(s) ({arch})"
-    return mtp, f"{n_nextn} NextN layer(s)"
+    if int(extra.get("mtp_heads", n_nextn)) <= 1:
+        mtp.chain = False  # asked for: the first head for every step
+    choices["mtp"] = mtp.describe(arch)
+    return mtp, f"{n_nextn} NextN layer(s)" + (", one head per draft step" if mtp.chain else "")

@@ -192,6 +192,11 @@ def test_gemma_fallback_renders_as_without_the_bounds():
     msgs = conversation(50, parts=False)[1:]
     got = ct.render(ct.compile_template(ct.GEMMA_TEMPLATE), msgs, bos_token="<bos>", eos_token="<eos>")
     assert got == plain_render(ct.GEMMA_TEMPLATE, msgs).replace("<s>", "<bos>", 1)
+    got = ct.render(ct.compile_template(ct.GEMMA4_TEMPLATE), msgs, bos_token="<bos>", eos_token="<eos>")
+    assert got == plain_render(ct.GEMMA4_TEMPLATE, msgs).replace("<s>", "<bos>", 1) and "<|turn>model\n" in got
+    ct.check_template(ct.compile_template(ct.GEMMA4_TEMPLATE), model="gemma4")
+    assert [ct.fallback_template(a)[1] for a in ("gemma4", "gemma4_text", "gemma3", "llama")] == [
+        "Gemma 4 turns", "Gemma 4 turns", "Gemma turns", "ChatML"]
 
 
 def test_a_long_conversation_is_within_the_bounds():

@@ -99,6 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", choices=sorted(PROMPTS), help="only these prompts (repeatable)")
     p.add_argument("--no-draft-model", action="store_true", help="skip the draft-model pair")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama-cpp-python's prompt lookup")
+    p.add_argument("--mtp-model", default=None,
+                   help="a separate MTP drafter (gemma4-assistant GGUF) for the mtp row; default: the config's "
+                        "speculative.mtp_model, else an mtp-*.gguf beside the model that pairs with it")
     p.add_argument("--max-foreign", type=float, default=0.10,
                    help="rerun a run while other processes used more than this share of the CPUs (Linux); 1 = never")
     p.add_argument("--retries", type=int, default=6, help="most reruns of one noisy run")
@@ -156,14 +159,46 @@ def requantized(source: Path, kind: str = "Q8_0") -> Path:
 # -- running -------------------------------------------------------------------
 
 
-def _load(path: Path, args: argparse.Namespace, *, kv_type: str | None = "q8_0/f16"):
+def _load(path: Path, args: argparse.Namespace, *, kv_type: str | None = "q8_0/f16",
+          mtp_model: str | None = None):
     from backends.base import LoadOptions
     from backends.llamacpp import LlamaCppBackend
 
     b = LlamaCppBackend()
     extra = {"kv_type": kv_type} if kv_type else {}
-    b.load(str(path), LoadOptions(n_ctx=args.context, n_threads=args.threads, extra=extra))
+    b.load(str(path), LoadOptions(n_ctx=args.context, n_threads=args.threads, extra=extra, mtp_model=mtp_model))
     return b
+
+
+def _mtp_model(args: argparse.Namespace, config, spec, log) -> str | None:
+    """The separate MTP drafter the ``mtp`` row uses, as the daemon would pick it
+    (``--mtp-model``, the config's, else a sibling that pairs); each decision logged.
+    A configured one that cannot be used is said, and the row runs without it."""
+    from backends.base import ModelLoadError
+
+    from assistant.daemon.drafts import mtp_model_for
+
+    if args.mtp_model:
+        from backends.mtp_pairing import check_assistant
+
+        try:
+            check_assistant(spec.path, args.mtp_model)
+        except ModelLoadError as exc:
+            log(f"mtp: --mtp-model not used: {exc}")
+            return None
+        return args.mtp_model
+    if config is None:
+        from assistant.config import Config
+
+        config = Config()
+    try:
+        path, lines = mtp_model_for(config, args.model, spec, "mtp")
+    except ModelLoadError as exc:
+        log(f"mtp: the configured MTP drafter is not used: {exc}")
+        return None
+    for line in lines:
+        log(f"mtp drafter: {line}")
+    return path
 
 
 def _ours(backend, prompt: list[int], engine, max_tokens: int) -> dict[str, Any]:
@@ -328,15 +363,17 @@ def run(args: argparse.Namespace) -> int:
                               "max_tokens": args.max_tokens, "repeat": args.repeat, "sections": []}
 
     log(f"loading {args.model} ({spec.path})")
-    target = _load(spec.path, args)
+    target = _load(spec.path, args, mtp_model=_mtp_model(args, config, spec, log))
     # What plain decoding runs on without speculative decoding: llama.cpp's F16 KV cache.
     default_kv = _load(spec.path, args, kv_type=None)
     lookup = None
     methods = ["plain", "ngram", "auto", "plain-f16-kv"]
     mtp_ok, mtp_why = target.mtp_support()
     report["mtp"] = mtp_why
+    report["mtp_kind"] = target.mtp_kind()  # "nextn", "assistant" or None
     if mtp_ok:
         methods.insert(2, "mtp")
+        log(f"mtp: run with {mtp_why}")
     else:
         log(f"mtp: not run: {mtp_why}")
     if not args.no_llama_cpp:

@@ -58,6 +58,9 @@ class GenerationStats:
     context_full: bool
     finish_reason: str  # "stop" | "length" | "cancelled"
     drafter: str = "off"  # the drafter's name ("off": plain decoding)
+    # Which kind of that drafter ran: for mtp, "nextn" (the model's own layers) or
+    # "assistant" (a separate model such as Gemma 4's); None where it has no kinds.
+    drafter_kind: str | None = None
     drafted: int = 0
     accepted: int = 0
     speculative: VerifyStats | None = None  # None where the engine did not decode (off, cancelled in prefill)
@@ -91,6 +94,8 @@ class GenerationStats:
             "accepted": self.accepted,
             "acceptance_rate": self.acceptance_rate,
         }
+        if self.drafter_kind is not None:
+            out["drafter_kind"] = self.drafter_kind
         if self.speculative is not None:
             out["speculative"] = self.speculative.as_dict()
         if self.tool_calls is not None:

@@ -21,6 +21,11 @@ class AutoDrafter:
         self.name = f"auto(ngram+{model.name})" if model is not None else "auto(ngram)"
 
     @property
+    def kind(self) -> str | None:
+        """The model drafter's kind ("nextn" / "assistant" for MTP), None without one."""
+        return getattr(self.model, "kind", None)
+
+    @property
     def needs_costs(self) -> bool:
         return self.model is not None
 

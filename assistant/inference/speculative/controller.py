@@ -84,6 +84,12 @@ class Controller:
         k_max = min(available, self.room, self.max_draft)
         if k_max <= 0:
             return 0
+        probe = self.probe.get(cls)
+        if probe is not None and self.position < probe[0]:
+            # Switched off until its next probe: its acceptance cannot have changed
+            # meanwhile (it only changes when it drafts), so skip the cost sums. This
+            # is every step of a request whose drafter does not pay: keep it cheap.
+            return 0
         k = self._best(cls, k_max)
         if k > 0:
             return k
@@ -92,11 +98,8 @@ class Controller:
         # This class drafted before and stopped paying (or should pay but the
         # measured costs say no: they may be stale): probe it now and then
         # (after 32 tokens, then 64, 128, ... up to 1024).
-        probe = self.probe.get(cls)
         if probe is None:
             self.probe[cls] = [self.position + PAUSE_START, PAUSE_START]
-            return 0
-        if self.position < probe[0]:
             return 0
         probe[1] = min(2 * probe[1], PAUSE_MAX)
         probe[0] = self.position + probe[1]

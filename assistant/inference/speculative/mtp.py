@@ -1,8 +1,15 @@
-"""The ``mtp`` drafter: the target model's own multi-token-prediction
-(NextN) layers (GLM-4.5, Qwen3-Next/3.5, MiMo, DeepSeek V3-style models that
-ship them), through the backend's ``mtp_support`` and ``mtp_draft``
-(llama.cpp: an MTP context over the same model, fed the target's hidden
-states; see ``backends/llamacpp.py``)."""
+"""The ``mtp`` drafter: multi-token prediction, of one of two kinds
+(``Backend.mtp_kind``):
+
+- ``nextn``: the target model's own NextN layers (GLM-4.5, Qwen3-Next/3.5,
+  MiMo, DeepSeek V3-style models that ship them; llama.cpp: an MTP context
+  over the same model, fed the target's hidden states, ``backends/llamacpp_mtp.py``);
+- ``assistant``: a separate drafter model paired with the target (Gemma 4's
+  ``gemma4-assistant``, ``LoadOptions.mtp_model`` or an ``mtp-*.gguf`` beside
+  the model file; llama.cpp: ``backends/llamacpp_mtp_assistant.py``).
+
+Both draft through the backend's ``mtp_support`` and ``mtp_draft``; the
+drafter's ``kind`` says which ran (the stats carry it beside ``drafter: mtp``)."""
 
 from __future__ import annotations
 
@@ -22,12 +29,19 @@ def mtp_support(target: Backend) -> tuple[bool, str]:
     return support()
 
 
+def mtp_kind(target: Backend) -> str | None:
+    """"nextn", "assistant" or None: which MTP drafter ``target`` runs (``Backend.mtp_kind``)."""
+    kind = getattr(target, "mtp_kind", None)
+    return kind() if callable(kind) else None
+
+
 class MtpDrafter:
-    """The target model's own multi-token-prediction (NextN) layers draft
-    (``Backend.mtp_draft``): greedy guesses, a point-mass draft, so sampled
-    requests keep the target's distribution by the engine's point-mass rule.
-    The backend keeps its MTP cache in step with the target's lazily. A model
-    without such layers is refused (DrafterError) naming the model and why."""
+    """The target's multi-token-prediction drafter (its NextN layers or its
+    paired assistant model: ``kind``) drafts (``Backend.mtp_draft``): greedy
+    guesses, a point-mass draft, so sampled requests keep the target's
+    distribution by the engine's point-mass rule. The backend keeps its MTP
+    state in step with the target's cache. A model with neither is refused
+    (DrafterError) naming the model and why."""
 
     name = "mtp"
     needs_costs = True
@@ -37,6 +51,7 @@ class MtpDrafter:
         if not ok:
             raise DrafterError(f"model {target.info.name!r} cannot use the 'mtp' drafter: {why}")
         self.target = target
+        self.kind = mtp_kind(target)  # "nextn" | "assistant" (None: a backend that does not say)
         self.step_s: float | None = None  # measured time of one draft step
 
     def begin(self, tokens: list[int], params: SamplingParams) -> None:
