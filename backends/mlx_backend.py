@@ -28,6 +28,14 @@ point, as the speculative engine needs (like llama.cpp's ``swa_full``).
 ``forward`` runs the transformer once per chunk and applies the output
 projection only to the rows asked for.
 
+Gemma 4 (``gemma4`` folders, the layout mlx-community publishes, and
+``gemma4_text``) loads through mlx-lm; ``backends.mlx_gemma4`` has what is
+particular to it (KV-shared layers, the soft-capped head). Its MTP drafter,
+a separate ``gemma4_assistant`` model (``LoadOptions.mtp_model``), runs
+through mlx-vlm (the ``[vlm]`` extra) over this backend's cache and hidden
+states (``backends.mlx_mtp``): ``mtp_support``, ``mtp_kind`` and
+``mtp_draft``, as on llama.cpp.
+
 The pieces: ``mlx_native`` (the lazy import, what is installed),
 ``mlx_folder`` and ``mlx_gguf`` (checking and loading each kind of model);
 this module holds :func:`inspect_model` and the backend: choices at load
@@ -48,7 +56,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import chat_template, sizing
+from . import chat_template, mlx_gemma4, mlx_mtp, sizing
 from .base import (
     Backend,
     BackendError,
@@ -70,9 +78,12 @@ log = logging.getLogger(__name__)
 DEFAULT_N_BATCH = 512
 
 # mlx-lm model modules whose model.model(...) returns normalized hidden states
-# and whose output projection is lm_head or the tied embedding: forward()
-# applies the projection only to the rows asked for. Others run whole.
-_SPLIT_HEAD_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.gemma3_text")
+# and whose output projection is lm_head or the tied embedding (Gemma 4: see
+# ``mlx_gemma4``): forward() applies the projection only to the rows asked
+# for, and keeps each layer's cache in full. Others run whole.
+_SPLIT_HEAD_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.gemma3_text", *mlx_gemma4.MODULES)
+# Hidden rows kept after a forward for the MTP assistant: a verify batch's worth.
+_HIDDEN_ROWS = 80
 
 
 def inspect_model(path: str | Path) -> str:
@@ -124,12 +135,15 @@ class MLXBackend(Backend):
         self._tokens: list[int] = []
         self._split_head = False
         self._exact_cache = True
+        self._mtp: mlx_mtp.MlxAssistant | None = None  # Gemma 4's assistant drafter, when one is loaded
+        self._mtp_why = "no model is loaded"
 
     # -- availability --------------------------------------------------------
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        """(True, "mlx VERSION + mlx-lm VERSION (device)"), or (False, why not, naming the extra)."""
+        """(True, "mlx VERSION + mlx-lm VERSION (device); Gemma 4 MTP assistant: mlx-vlm VERSION
+        or the extra to install"), or (False, why not, naming the extra)."""
         missing = [name for name, mod in (("mlx", "mlx.core"), ("mlx-lm", "mlx_lm"), ("tokenizers", "tokenizers"))
                    if not spec_found(mod)]
         if missing:
@@ -139,7 +153,11 @@ class MLXBackend(Backend):
         except BackendUnavailable as exc:
             return False, str(exc)
         device = "GPU (Metal)" if runs_on_gpu(mx) else "CPU only, slow"
-        return True, f"mlx {installed_version('mlx')} + mlx-lm {installed_version('mlx-lm')} ({device})"
+        # Said without importing mlx-vlm (slow: it imports transformers); loading a drafter checks it.
+        vlm = (f"mlx-vlm {installed_version('mlx-vlm')}" if spec_found("mlx_vlm") else
+               f"no mlx-vlm: {mlx_mtp.VLM_HINT}")
+        return True, (f"mlx {installed_version('mlx')} + mlx-lm {installed_version('mlx-lm')} ({device}); "
+                      f"Gemma 4 MTP assistant: {vlm}")
 
     @classmethod
     def check_model(cls, path: str) -> None:
@@ -153,13 +171,16 @@ class MLXBackend(Backend):
 
         ``options.extra`` may hold ``dtype`` (an mlx dtype name; default:
         float32 on a CPU, as stored on a GPU) and ``name``; every choice made,
-        and why, is in ``ModelInfo.choices``."""
+        and why, is in ``ModelInfo.choices``. ``options.mtp_model``: a Gemma 4
+        assistant folder to draft with (``backends.mlx_mtp``), checked against
+        the model before anything is loaded or unloaded."""
         options = options or LoadOptions()
-        if self._model is not None:
-            self.unload()
         mx, nn = import_mlx()
         p = Path(os.path.expanduser(str(path)))
         kind = inspect_model(p)
+        mtp_bytes = _check_mtp(p, kind, options.mtp_model) if options.mtp_model else 0
+        if self._model is not None:
+            self.unload()
         extra = dict(options.extra or {})
         on_gpu = runs_on_gpu(mx)
         dtype_name = extra.get("dtype") or ("as stored" if on_gpu else "float32")
@@ -170,53 +191,50 @@ class MLXBackend(Backend):
                       "float32 (MLX computes float16 about 25x slower on a CPU)"),
             **tok.notes,
         }
-        n_ctx, choices["context"] = _context_size(model, dtype_name, train_ctx, size, options)
+        n_ctx, choices["context"] = _context_size(model, dtype_name, train_ctx, size + mtp_bytes, options)
         choices["threads"] = "MLX schedules its own threads (the threads setting applies to llama.cpp)"
         source_template, compiled, source = chat_template.choose_template(
             own_template, arch, options.chat_template, choices,
             model=str(options.extra.get("name") or (p.name if p.is_dir() else p.stem)))
 
         self._model, self._tok, self._template = model, tok, compiled
-        module = type(model).__module__
-        self._split_head = module in _SPLIT_HEAD_MODULES
-        self._exact_cache = module in _SPLIT_HEAD_MODULES
+        self._split_head = self._exact_cache = type(model).__module__ in _SPLIT_HEAD_MODULES
         self._n_ctx = n_ctx
         self._n_batch = max(1, int(options.n_batch or DEFAULT_N_BATCH))
         self._vocab = int(_vocab_size(model, tok))
         self._cache = self._new_cache()
         self._tokens = []
+        try:
+            self._mtp, self._mtp_why = _load_assistant(model, options.mtp_model, dtype_name, choices)
+        except ModelLoadError:  # a load gives both or neither
+            self.unload()
+            raise
         self._info = ModelInfo(
             name=str(extra.get("name") or (p.name if p.is_dir() else p.stem)),
-            path=str(p),
-            backend=self.name,
-            architecture=arch,
-            context_length=n_ctx,
-            train_context_length=train_ctx,
-            vocab_size=self._vocab,
-            chat_template=source_template,
-            template_source=source,
-            bos_token_id=tok.bos,
-            eos_token_ids=sorted(tok.eog, key=lambda t: (t != tok.eos, t)),
-            size_bytes=size,
-            quantization=quant,
-            n_threads=0,
-            n_params=n_params,
-            choices=choices,
+            path=str(p), backend=self.name, architecture=arch,
+            context_length=n_ctx, train_context_length=train_ctx, vocab_size=self._vocab,
+            chat_template=source_template, template_source=source,
+            bos_token_id=tok.bos, eos_token_ids=sorted(tok.eog, key=lambda t: (t != tok.eos, t)),
+            size_bytes=size, quantization=quant, n_threads=0, n_params=n_params, choices=choices,
         )
         return self._info
 
     def _new_cache(self) -> list[Any]:
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-        if self._exact_cache:
-            return [KVCache() for _ in self._model.layers]
+        if self._exact_cache:  # one full cache per layer that takes one (not Gemma 4's KV-shared layers)
+            n = mlx_gemma4.cache_layers(self._model) if mlx_gemma4.is_gemma4(self._model) else len(self._model.layers)
+            return [KVCache() for _ in range(n)]
         return make_prompt_cache(self._model)
 
     def unload(self) -> None:
         """Drop the model and its cache, and give MLX's buffer cache back (nothing happens when none is loaded)."""
         if self._model is None:
             return
-        self._model = self._cache = self._tok = self._template = None
+        if self._mtp is not None:
+            self._mtp.free()
+        self._model = self._cache = self._tok = self._template = self._mtp = None
+        self._mtp_why = "no model is loaded"
         self._info = None
         self._tokens = []
         try:
@@ -258,6 +276,32 @@ class MLXBackend(Backend):
                                     eos_token=tok.token_text(tok.eos),
                                     add_generation_prompt=add_generation_prompt, **kwargs)
 
+    # -- multi-token prediction: Gemma 4's assistant (``mlx_mtp``) ----------------
+
+    def mtp_kind(self) -> str | None:
+        """"assistant" while a Gemma 4 assistant drafter is loaded, else None."""
+        return self._mtp.kind if self._mtp is not None else None
+
+    def mtp_support(self) -> tuple[bool, str]:
+        """(whether ``mtp_draft`` can draft, what drafts or why nothing can)."""
+        return self._mtp is not None, self._mtp_why
+
+    def mtp_draft(self, tokens: Sequence[int], n: int) -> list[int]:
+        """Up to ``n`` greedy guesses from the assistant drafter; ``tokens`` is
+        the cache plus the pending token ([] for any other state). The cache is
+        left as it was: the assistant reads it and writes nothing."""
+        self._require()
+        if self._mtp is None:
+            raise BackendError(f"model {self.info.name!r} cannot draft with MTP: {self._mtp_why}")
+        N = len(self._tokens)
+        if N == 0 or len(tokens) != N + 1 or tokens[N - 1] != self._tokens[-1]:
+            return []
+        n = min(int(n), self._n_ctx - N - 1)
+        token = int(tokens[N])
+        if n <= 0 or not 0 <= token < self._vocab:
+            return []
+        return self._mtp.draft(self._model, self._cache, N, token, n)
+
     # -- forward / truncate ------------------------------------------------------
 
     @property
@@ -284,27 +328,14 @@ class MLXBackend(Backend):
                 raise BackendError(f"token id {t} is out of range (vocabulary of {self._vocab})")
         wanted = sorted(set(rows))
         got: dict[int, np.ndarray] = {}
-        model, cache = self._model, self._cache
         try:
             start = 0
             while start < n:
                 m = min(self._n_batch, n - start)
-                x = mx.array([toks[start:start + m]], dtype=mx.int32)
                 here = [r - start for r in wanted if start <= r < start + m]
-                if self._split_head:
-                    h = model.model(x, cache=cache)
-                    logits = self._head(h[0, mx.array(here)]) if here else None
-                else:
-                    full = model(x, cache=cache)
-                    logits = full[0, mx.array(here)] if here else None
-                if logits is not None:
-                    logits = logits.astype(mx.float32)
-                    mx.eval(logits, [c.state for c in cache])
-                    arr = np.array(logits, copy=True)
-                    for k, r in enumerate(here):
-                        got[r + start] = arr[k]
-                else:
-                    mx.eval([c.state for c in cache])
+                arr = self._chunk(mx.array([toks[start:start + m]], dtype=mx.int32), here, n0 + start)
+                for k, r in enumerate(here):
+                    got[r + start] = arr[k]
                 start += m
         except Exception as exc:
             self._rollback(n0)
@@ -314,14 +345,34 @@ class MLXBackend(Backend):
         self._tokens.extend(toks)
         return np.stack([got[r] for r in rows]).astype(np.float32, copy=False)
 
-    def _head(self, h):
-        model = self._model
-        if "lm_head" in model:
-            return model.lm_head(h)
-        return model.model.embed_tokens.as_linear(h)
+    def _chunk(self, x, here: list[int], pos0: int) -> np.ndarray:
+        """Run the tokens ``x`` (one batch, at positions from ``pos0``) through
+        the model, appending to the cache; float32 logits of the rows ``here``."""
+        import mlx.core as mx
+
+        model, cache = self._model, self._cache
+        keep = []
+        if self._split_head:
+            body = mlx_gemma4.body(model) if mlx_gemma4.is_gemma4(model) else model.model
+            h = body(x, cache=cache)
+            logits = _head(model, h[0, mx.array(here)]) if here else None
+            if self._mtp is not None:  # what the assistant drafts from: the rows up to the last one
+                keep.append(self._mtp.keep_hidden(h[0, -_HIDDEN_ROWS:], pos0 + x.shape[1]))
+        else:
+            full = model(x, cache=cache)
+            logits = full[0, mx.array(here)] if here else None
+        keep += [c.state for c in cache]
+        if logits is None:
+            mx.eval(keep)
+            return np.zeros((0, self._vocab), dtype=np.float32)
+        logits = logits.astype(mx.float32)
+        mx.eval(logits, keep)
+        return np.array(logits, copy=True)
 
     def _rollback(self, n0: int) -> None:
         """After a failed forward: the cache back to the n0 tokens it held before."""
+        if self._mtp is not None:
+            self._mtp.forget()
         cache = self._cache or []
         try:
             if all(c.is_trimmable() for c in cache):
@@ -393,9 +444,50 @@ def _context_size(model, dtype_name: str, train_ctx: int, size: int, options: Lo
                                kv_bytes_per_token=kv_per_token, requested=requested)
 
 
+def _head(model, h):
+    """Logits of the hidden rows ``h`` of a model in ``_SPLIT_HEAD_MODULES``."""
+    if mlx_gemma4.is_gemma4(model):
+        return mlx_gemma4.head(model, h)
+    if "lm_head" in model:
+        return model.lm_head(h)
+    return model.model.embed_tokens.as_linear(h)
+
+
+def _load_assistant(model, mtp_model: str | None, dtype_name: str,
+                    choices: dict[str, str]) -> tuple[mlx_mtp.MlxAssistant | None, str]:
+    """(the checked assistant drafter loaded beside ``model``, or None; what
+    ``mtp_support`` says), noted in ``choices``; ModelLoadError when it fails."""
+    if not mtp_model:
+        return None, _no_mtp_why(model)
+    import mlx.core as mx
+
+    mtp = mlx_mtp.MlxAssistant.load(mtp_model, model, None if dtype_name == "as stored" else getattr(mx, dtype_name))
+    choices["mtp"] = mtp.describe()
+    return mtp, choices["mtp"]
+
+
+def _check_mtp(p: Path, kind: str, mtp_model: str) -> int:
+    """The drafter's size in bytes; ModelLoadError unless ``mtp_model`` is a
+    Gemma 4 assistant that pairs with the model at ``p``."""
+    if kind != "folder":
+        raise ModelLoadError(
+            f"the MLX backend drafts with a Gemma 4 assistant only beside an MLX-format Gemma 4 model folder; "
+            f"{p} is a GGUF file (the llama.cpp backend runs GGUF drafters such as mtp-*.gguf)")
+    mlx_mtp.check_pairing(p, check_folder(p), mtp_model)
+    return folder_size(Path(mtp_model).expanduser())
+
+
+def _no_mtp_why(model) -> str:
+    if mlx_gemma4.is_gemma4(model):
+        return ("Gemma 4 has no NextN layers of its own: set speculative.mtp_model to its assistant "
+                "(an MLX gemma4_assistant folder) to draft with MTP")
+    return ("the MLX backend drafts with MTP only through a Gemma 4 assistant model (speculative.mtp_model), "
+            f"and this model is {type(model).__module__.rsplit('.', 1)[-1]}")
+
+
 def _vocab_size(model, tok) -> int:
     try:
-        emb = model.model.embed_tokens
+        emb = mlx_gemma4.body(model).embed_tokens if mlx_gemma4.is_gemma4(model) else model.model.embed_tokens
         rows = emb.weight.shape[0]
         return max(rows, 1)
     except AttributeError:
@@ -407,6 +499,8 @@ def _kv_bytes_per_token(model, bytes_per_value: int) -> int | None:
         total = 0
         for layer in model.layers:
             attn = layer.self_attn
+            if not getattr(attn, "has_kv", True):  # Gemma 4's KV-shared layers keep no cache
+                continue
             head_dim = getattr(attn, "head_dim", None) or attn.k_proj.weight.shape[0] // attn.n_kv_heads
             total += attn.n_kv_heads * head_dim * 2 * bytes_per_value
         return total or None

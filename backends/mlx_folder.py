@@ -41,11 +41,6 @@ def folder_summary(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     config = check_folder(folder)
     tc = text_config(config)
-    layers = tc.get("num_hidden_layers")
-    heads = tc.get("num_attention_heads")
-    kv_heads = tc.get("num_key_value_heads") or heads
-    head_dim = tc.get("head_dim") or (tc["hidden_size"] // heads if heads and tc.get("hidden_size") else None)
-    kv = layers * kv_heads * head_dim * 2 * 2 if layers and kv_heads and head_dim else None
     tcfg = read_json(folder / "tokenizer_config.json")
     return {
         "architecture": config.get("model_type"),
@@ -53,9 +48,33 @@ def folder_summary(folder: str | Path) -> dict[str, Any]:
         "context_length": tc.get("max_position_embeddings"),
         "quantization": quantization(config),
         "has_chat_template": bool(tcfg.get("chat_template")) or (folder / "chat_template.jinja").is_file(),
-        "kv_bytes_per_token": kv,
+        "kv_bytes_per_token": kv_bytes_per_token(tc),
         "size_bytes": folder_size(folder),
     }
+
+
+def kv_bytes_per_token(tc: dict[str, Any], bytes_per_value: int = 2) -> int | None:
+    """KV cache bytes per token of context under a text config, None where it
+    does not say. Layers that keep no cache of their own (Gemma 4's KV-shared
+    layers) are not counted; full-attention layers with their own head size
+    (Gemma 4's ``global_head_dim``) are. Sliding-window layers count in full:
+    the MLX backend keeps every layer's cache whole, so that it can be cut
+    back anywhere (see ``backends.mlx_backend``)."""
+    layers, heads = tc.get("num_hidden_layers"), tc.get("num_attention_heads")
+    kv_heads = tc.get("num_key_value_heads") or heads
+    head_dim = tc.get("head_dim") or (tc["hidden_size"] // heads if heads and tc.get("hidden_size") else None)
+    if not (isinstance(layers, int) and kv_heads and head_dim):
+        return None
+    kinds = tc.get("layer_types") if isinstance(tc.get("layer_types"), list) else []
+    own = layers - int(tc.get("num_kv_shared_layers") or 0)
+    total = 0
+    for i in range(max(own, 0)):
+        full = i < len(kinds) and kinds[i] == "full_attention"
+        hd = tc.get("global_head_dim") if full and tc.get("global_head_dim") else head_dim
+        kv = tc["num_global_key_value_heads"] if full and tc.get("attention_k_eq_v") and \
+            tc.get("num_global_key_value_heads") else kv_heads
+        total += int(kv) * int(hd) * 2 * bytes_per_value
+    return total or None
 
 
 def arch_module(model_type: str) -> str | None:
@@ -87,11 +106,27 @@ def check_folder(folder: Path) -> dict[str, Any]:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise ModelLoadError(f"{cfg_file} has no model_type, so the architecture is unknown")
-    if not any(folder.glob("model*.safetensors")):
+    weights = list(folder.glob("model*.safetensors"))
+    if not weights:
         raise ModelLoadError(f"{folder} has a config.json but no weights (model*.safetensors)")
+    odd = [w.name for w in weights if not w.is_file()]  # a FIFO or a folder: reading it would block or fail
+    if odd:
+        raise ModelLoadError(f"{folder}: {', '.join(odd)} is not a regular file")
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
         raise ModelLoadError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)")
     return config
+
+
+def _with_generation_eos(p: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with generation_config.json's end-of-generation ids where it
+    has more (Gemma's end-of-turn token is often listed only there)."""
+    from .tokenizer import read_json
+
+    gen = read_json(p / "generation_config.json").get("eos_token_id")
+    have = config.get("eos_token_id")
+    have = have if isinstance(have, list) else [have] if have is not None else []
+    extra = [e for e in (gen if isinstance(gen, list) else [gen]) if isinstance(e, int) and e not in have]
+    return {**config, "eos_token_id": have + extra} if extra else config
 
 
 def load_folder(p: Path):
@@ -116,7 +151,7 @@ def load_folder(p: Path):
             tk = load_tokenizer(p)._tokenizer.backend_tokenizer
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"cannot read the tokenizer of {p}: {exc}") from None
-    tok, template = tokenizer.from_hf_folder(p, config, tk)
+    tok, template = tokenizer.from_hf_folder(p, _with_generation_eos(p, config), tk)
     train_ctx = int(text_config(config).get("max_position_embeddings") or 0)
     return (model, str(config.get("model_type")), train_ctx, template, tok, int(get_total_parameters(model)),
             quantization(config))
