@@ -186,3 +186,134 @@ def read_tensor_infos(path: str | Path) -> list[dict[str, Any]]:
             return infos
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+# --------------------------------------------------------------------------
+# The whole header (metadata and tensor infos) in one pass, with tensor sizes:
+# what the memory plan (backends.memory_plan) sizes a load from.
+
+# ggml type name -> (values per block, bytes per block), from ggml's type traits (ggml.c)
+GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
+               "Q5_1": (32, 24), "Q8_0": (32, 34), "Q8_1": (32, 36), "Q2_K": (256, 84), "Q3_K": (256, 110),
+               "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210), "Q8_K": (256, 292),
+               "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74), "IQ3_XXS": (256, 98), "IQ1_S": (256, 50),
+               "IQ4_NL": (32, 18), "IQ3_S": (256, 110), "IQ2_S": (256, 82), "IQ4_XS": (256, 136), "I8": (1, 1),
+               "I16": (1, 2), "I32": (1, 4), "I64": (1, 8), "F64": (1, 8), "IQ1_M": (256, 56), "BF16": (1, 2),
+               "TQ1_0": (256, 54), "TQ2_0": (256, 66), "MXFP4": (32, 17)}
+
+SMALL_ARRAY = 4096  # arrays up to this many items are kept by read_header (per-layer patterns and counts)
+
+
+def tensor_nbytes(shape: list[int], type_name: str) -> int | None:
+    """Bytes of a tensor's data (ggml row layout: whole blocks), None for a type not known here."""
+    block = GGML_BLOCKS.get(type_name)
+    if block is None:
+        return None
+    n = 1
+    for d in shape:
+        n *= int(d)
+    per, size = block
+    return -(-n // per) * size
+
+
+class GGUFHeader:
+    """A GGUF file's metadata and tensor infos (no weights), from :func:`read_header`.
+
+    ``meta`` keeps arrays of up to :data:`SMALL_ARRAY` items (per-layer
+    sliding-window patterns, KV head counts) and summarises longer ones like
+    :func:`read_metadata`; ``tensors`` are dicts with name, shape (innermost
+    first), type and ``nbytes`` (None for a type not known here)."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], tensors: list[dict[str, Any]], file_size: int):
+        self.path, self.meta, self.tensors, self.file_size = path, meta, tensors, file_size
+
+    @property
+    def arch(self) -> str | None:
+        return self.meta.get("general.architecture")
+
+    def arch_key(self, name: str, default: Any = None) -> Any:
+        """``{architecture}.{name}`` from the metadata."""
+        return self.meta.get(f"{self.arch}.{name}", default)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The data of every tensor whose type is known (see :attr:`unknown_types`)."""
+        return sum(t["nbytes"] or 0 for t in self.tensors)
+
+    @property
+    def unknown_types(self) -> list[str]:
+        return sorted({t["type"] for t in self.tensors if t["nbytes"] is None})
+
+    def bytes_by_type(self) -> dict[str, int]:
+        """Tensor data per ggml type, largest first."""
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t["type"]] = out.get(t["type"], 0) + (t["nbytes"] or 0)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def tensor(self, name: str) -> dict[str, Any] | None:
+        return next((t for t in self.tensors if t["name"] == name), None)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Tokens in the vocabulary (the token list, else the embedding's rows)."""
+        tokens = self.meta.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, dict):
+            return int(tokens["length"])
+        if isinstance(tokens, list):
+            return len(tokens)
+        embd = self.tensor("token_embd.weight")
+        return int(embd["shape"][-1]) if embd and len(embd["shape"]) == 2 else None
+
+
+def read_header(path: str | Path, *, small_arrays: int = SMALL_ARRAY) -> GGUFHeader:
+    """Metadata and tensor infos of a GGUF file in one pass (reads no tensor data).
+
+    Raises ``ModelLoadError`` for a missing file, a non-GGUF file or a damaged
+    header, like :func:`read_metadata`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            r = _Reader(f, path)
+            if f.read(4) != GGUF_MAGIC:
+                raise ModelLoadError(f"{path} is not a GGUF file (a GGUF file starts with the bytes b'GGUF')")
+            version = r.unpack("<I")
+            if version not in (2, 3):
+                raise ModelLoadError(f"{path}: unsupported GGUF version {version}")
+            n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+            if n_tensors > 1 << 24:
+                raise ModelLoadError(f"{path}: corrupt GGUF header ({n_tensors} tensors)")
+            meta: dict[str, Any] = {"gguf.version": version, "gguf.tensor_count": n_tensors}
+            for _ in range(n_kv):
+                key = r.string()
+                meta[key] = _small_value(r, r.unpack("<I"), small_arrays)
+            tensors = [_tensor_info(r, path) for _ in range(n_tensors)]
+            return GGUFHeader(path, meta, tensors, os.fstat(f.fileno()).st_size)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _small_value(r: _Reader, vtype: int, limit: int) -> Any:
+    """A metadata value; arrays of scalars or strings with up to ``limit`` items kept."""
+    if vtype != 9:
+        return r.value(vtype, False)
+    pos = r.f.tell()
+    etype, count = r.unpack("<I"), r.unpack("<Q")
+    if count <= limit and (etype in _SCALARS or etype == 8):
+        return [r.value(etype, True) for _ in range(count)]
+    r.f.seek(pos)
+    return r.value(vtype, False)
+
+
+def _tensor_info(r: _Reader, path: Path) -> dict[str, Any]:
+    name = r.string()
+    n_dims = r.unpack("<I")
+    if n_dims > 8:
+        raise ModelLoadError(f"{path}: corrupt GGUF header (tensor {name!r} has {n_dims} dimensions)")
+    shape = [r.unpack("<Q") for _ in range(n_dims)]
+    ttype = r.unpack("<I")
+    r.unpack("<Q")  # offset into the data section
+    type_name = GGML_TYPES.get(ttype, f"type {ttype}")
+    return {"name": name, "shape": shape, "type": type_name, "nbytes": tensor_nbytes(shape, type_name)}

@@ -7,6 +7,12 @@ application, so a backend sizes its load from plain figures and depends on
 nothing above it; ``assistant doctor`` uses the same functions (through
 ``assistant.machine.hardware``) to predict what a load will pick.
 
+:func:`pick_context` is the simple rule a backend used alone applies (the
+model file and a per-token KV size). :func:`pick_context_planned` sizes the
+context from the whole memory plan (``backends.memory_plan``: weights, MTP
+drafter, KV cache with sliding-window layers as they are, projector, compute,
+OS headroom): the daemon's ``context: auto`` (``extra["memory_plan"]``).
+
 Any object with MachineFigures' attributes will do as ``machine``:
 ``assistant.machine.hardware.Machine`` has the same names.
 
@@ -20,7 +26,9 @@ import os
 import re
 from pathlib import Path
 
+from . import memory_plan as mp
 from .base import MachineFigures
+from .gguf import GGUFHeader, read_header
 
 DEFAULT_CONTEXT_CAP = 4096
 MIN_CONTEXT = 512
@@ -117,6 +125,61 @@ def fits_in_memory(machine: MachineFigures, model_bytes: int, kv_bytes: int) -> 
             else "more than this machine has; use a smaller model or quantization, or a smaller context")
     of_total = f" of {_size(total)}" if total is not None else ""
     return False, f"needs {parts} but only {_size(available)}{of_total} is available: {hint}"
+
+
+# --------------------------------------------------------------------------
+# The context from the memory plan (backends.memory_plan): the daemon's `context: auto`
+
+
+def pick_context_planned(machine: MachineFigures, header: GGUFHeader, *, train_ctx: int, requested: int | None,
+                         options: mp.PlanOptions) -> tuple[int, str, mp.MemoryPlan]:
+    """(context, why, the MemoryPlan at that context) from the whole plan: the
+    weights, the drafter, the KV cache, a projector, compute buffers and the
+    OS headroom against the machine's RAM.
+
+    A requested size is used as is (capped at the training context) and the
+    reason says when its plan does not fit. Otherwise the largest context up
+    to the training context (at least 512) whose plan fits; with the RAM
+    unknown, min(train_ctx, 4096) as :func:`pick_context` picks it.
+    """
+    if requested is not None:
+        ctx, why = pick_context(machine, train_ctx=train_ctx, model_bytes=0, kv_bytes_per_token=None,
+                                requested=requested)
+        plan = mp.build_plan(header, machine, ctx, options)
+        return ctx, why + ("" if plan.fits is not False else f"; it does not fit: {plan.verdict()}"), plan
+    ceiling = train_ctx if train_ctx > 0 else DEFAULT_CONTEXT_CAP
+    unknown = machine.ram_total_bytes is None and machine.ram_available_bytes is None
+    if unknown:
+        ctx, why = pick_context(machine, train_ctx=train_ctx, model_bytes=0, kv_bytes_per_token=None, requested=None)
+        return ctx, why + " (RAM size unknown)", mp.build_plan(header, machine, ctx, options)
+    plan = mp.largest_context(header, machine, options, ceiling=ceiling, floor=MIN_CONTEXT)
+    trained = f"trained on {train_ctx}" if train_ctx > 0 else "training context unknown"
+    if plan.context == ceiling and plan.fits:
+        what = "the model's training context" if train_ctx > 0 else f"the default {DEFAULT_CONTEXT_CAP}"
+        return plan.context, f"{plan.context}: {what}; its memory plan fits ({_needs(plan)})", plan
+    if plan.fits:
+        why = f"{plan.context}: the largest context whose memory plan fits ({trained}; {_needs(plan)})"
+        return plan.context, why, plan
+    return plan.context, f"{plan.context} (the minimum): even this does not fit: {plan.verdict()}", plan
+
+
+def _needs(plan: mp.MemoryPlan) -> str:
+    return f"it needs {_size(plan.needed)} of the {_size(plan.limit)} the load may take"
+
+
+def pick_context_for_load(machine: MachineFigures, path, *, train_ctx: int, requested: int | None, extra: dict,
+                          n_batch: int | None = None, mtp_model: str | None = None) -> tuple[int, str]:
+    """:func:`pick_context_planned` for a GGUF file loaded with ``LoadOptions``'
+    ``extra`` / ``n_batch`` / ``mtp_model`` (a ``mmproj-*.gguf`` beside the file
+    that pairs with it is counted too). What the llama.cpp backend calls when the
+    daemon asks for the plan (``extra["memory_plan"]``). Raises ModelLoadError for a
+    file (or drafter) whose header cannot be read."""
+    header = read_header(path)
+    projector = mp.find_projector(path, header)
+    options = mp.PlanOptions.for_load(extra, n_batch=n_batch, mtp_model=mtp_model,
+                                      mmproj=str(projector) if projector else None)
+    ctx, why, _ = pick_context_planned(machine, header, train_ctx=train_ctx, requested=requested, options=options)
+    return ctx, why
 
 
 # --------------------------------------------------------------------------

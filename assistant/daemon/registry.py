@@ -28,12 +28,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from backends import BackendRegistry, gguf
+from backends import BackendRegistry, gguf, memory_plan
 from backends.base import Backend, BackendUnavailable, LoadOptions, ModelLoadError
 from backends.sizing import fits_in_memory
 
 from assistant.config import Config, parse_duration
 from assistant.config.models import ModelNotFoundError, ModelSpec, resolve_model
+from assistant.daemon import drafts
 from assistant.daemon.worker import UNSET, ModelWorker
 from assistant.machine import hardware
 from assistant.machine.choice import BackendChoiceError, choose_backend
@@ -122,16 +123,36 @@ def _weights_bytes(path: Path) -> int:
 
 
 def _memory_needed(spec: ModelSpec, options: LoadOptions) -> tuple[int, int]:
-    """(model bytes, KV cache bytes, estimated) of loading ``spec`` with ``options``."""
-    size = _weights_bytes(Path(spec.path))
+    """(model bytes, KV cache bytes, estimated) of loading ``spec`` with ``options``.
+    A GGUF file: its memory plan's (model: weights, a separate MTP drafter, a
+    projector, compute buffers; KV: by layer kind). Else the weights' size, the
+    drafter's beside it (an assistant drafter holds no KV of its own: it reads the
+    target's), and a KV estimate."""
+    n_ctx = options.n_ctx or 4096
+    drafter = options.mtp_model if (options.extra or {}).get("mtp", True) else None
+    if Path(spec.path).is_file():
+        plan = memory_plan.plan_for_load(spec.path, n_ctx, options.extra or {}, n_batch=options.n_batch,
+                                         mtp_model=drafter)
+        if plan is not None:
+            kv = sum(ln.bytes for ln in plan.lines if ln.name.startswith(("kv cache", "drafter kv cache")))
+            return plan.needed - kv, kv
+    size = _weights_bytes(Path(spec.path)) + (_weights_bytes(Path(drafter)) if drafter else 0)
     per_token = None
     if Path(spec.path).is_file():
         try:
             per_token = gguf.kv_bytes_per_token(gguf.read_metadata(spec.path))
         except ModelLoadError:
             pass
-    kv = per_token * (options.n_ctx or 4096) if per_token else size // 8
+    kv = per_token * n_ctx if per_token else size // 8
     return size, kv
+
+
+def _remote_options(name: str, spec: ModelSpec, context: int | None) -> LoadOptions:
+    """A remote model's load options: its name on the server and the key's variable. The
+    server decides the context; a request's or the alias's is only what is reported where
+    the server does not say."""
+    return LoadOptions(n_ctx=context or spec.context,
+                       extra={"alias": name, "model": spec.remote_model, "api_key_env": spec.api_key_env})
 
 
 def _fits_another(worker: ModelWorker) -> tuple[bool, str]:
@@ -271,6 +292,10 @@ class ModelRegistry:
         elif backend_name == "llama.cpp":
             # No drafting configured: no MTP layers, context or hidden-state copies per token.
             options.extra["mtp"] = False
+        if backend_name == "llama.cpp":
+            # context auto: the largest whose memory plan (weights, drafter, KV by layer kind,
+            # compute, OS headroom) fits; the backend used alone keeps its simple rule
+            options.extra["memory_plan"] = True
         return options
 
     async def _load(self, name: str, backend: str | None, context: int | None, threads: int | None) -> ModelWorker:
@@ -280,7 +305,7 @@ class ModelRegistry:
                 return ready
             worker = await self._prepared(name, backend, context, threads)  # every check before any unload
             try:
-                if self._room_for_one_more(name) or await self._fits_beside(worker):
+                if self._room_for_one_more(name) or worker.remote or await self._fits_beside(worker):
                     await self._start(worker)  # on failure nothing else has changed
                 else:
                     evicted = await self._make_room(name)
@@ -300,6 +325,8 @@ class ModelRegistry:
         """A worker for ``name``, not loaded yet, once the file passed every check: the
         backend's (headers), and that a GGUF file is whole."""
         spec = await self.resolve(name, None)
+        if spec.remote and backend in (None, "", "auto"):
+            backend = "remote"  # the alias says where it runs; "auto" is no wish against that
         backend_name = self.choose_backend(backend or spec.backend or self.config.backend)
         spec = await self.resolve(name, backend_name)
         try:
@@ -310,7 +337,13 @@ class ModelRegistry:
             instance = self.backends.get(backend_name)()
         except BackendUnavailable as exc:
             raise RPCError(ErrorCode.BACKEND_UNAVAILABLE, str(exc)) from None
-        return self._worker(name, spec, instance, self._options(name, spec, backend_name, context, threads))
+        if spec.remote:  # a server's model: no file, memory or drafter here
+            return self._worker(name, spec, instance, _remote_options(name, spec, context))
+        options = self._options(name, spec, backend_name, context, threads)
+        # A separate MTP drafter (configured, or an mtp-*.gguf beside the file), checked here:
+        # one that cannot be used is refused before anything is unloaded.
+        options.mtp_model = await drafts.resolve_mtp_model(self.config, name, spec)
+        return self._worker(name, spec, instance, options)
 
     def _worker(self, name: str, spec: ModelSpec, instance: Backend, options: LoadOptions) -> ModelWorker:
         return ModelWorker(name, spec, instance, options, max_queued=getattr(self.config, "max_queued_requests", 64),
@@ -318,7 +351,11 @@ class ModelRegistry:
 
     def _room_for_one_more(self, name: str) -> bool:
         """Nothing would have to go: not a reload, and under ``max_loaded_models``."""
-        return name not in self.models and len(self.models) < self.config.max_loaded_models
+        return name not in self.models and self._local_count() < self.config.max_loaded_models
+
+    def _local_count(self) -> int:
+        """Loaded models that hold memory here: a remote one (a server's) counts for nothing."""
+        return sum(1 for w in self.models.values() if not w.remote)
 
     async def _fits_beside(self, worker: ModelWorker) -> bool:
         """Whether the RAM available now holds ``worker``'s model and its KV cache on top
@@ -363,8 +400,8 @@ class ModelRegistry:
         self.models[worker.key] = worker
         if old is not None:
             self._spawn(self._retire(old, None))
-        while len(self.models) > self.config.max_loaded_models:
-            idle = [w for w in self.models.values() if w is not worker and w.idle]
+        while self._local_count() > self.config.max_loaded_models:
+            idle = [w for w in self.models.values() if w is not worker and w.idle and not w.remote]
             if not idle:
                 log.warning("all %d loaded models are busy; keeping one more loaded for now", len(self.models) - 1)
                 break
@@ -379,8 +416,8 @@ class ModelRegistry:
         ones out until one more fits; each finishes what it holds, then unloads. Returns
         them, for ``_restore``."""
         victims = [self.models.pop(name)] if name in self.models else []
-        while len(self.models) >= self.config.max_loaded_models:
-            idle = [w for w in self.models.values() if w.idle]
+        while self._local_count() >= self.config.max_loaded_models:
+            idle = [w for w in self.models.values() if w.idle and not w.remote]
             if not idle:
                 log.warning("all %d loaded models are busy; loading one more anyway", len(self.models))
                 break
