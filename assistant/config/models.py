@@ -16,7 +16,9 @@ A model is named by, in this order:
      temporary name that is renamed into place only when complete, so a
      killed process never leaves half a model behind;
 
-3. a path to a model file (absolute, relative to the working directory, or
+3. a model fetched by ``assistant models pull`` (recorded in ``pulled.json``
+   in the models dir; see "Pulled models" below);
+4. a path to a model file (absolute, relative to the working directory, or
    starting with ``~``).
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -63,6 +66,17 @@ class ModelSpec:
     missing: str | None = None
     # Sampling defaults the model comes with (built-ins); the config's generation keys win.
     generation: dict[str, float] = dataclasses.field(default_factory=dict)
+    # backend: remote: the server's base URL (``path`` is then that URL as shown, without
+    # credentials, and no file), the model's name there (None: the alias) and the
+    # environment variable holding the API key.
+    url: str | None = None
+    remote_model: str | None = None
+    api_key_env: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Whether a server runs this model (``backend: remote``): no file here."""
+        return self.url is not None
 
     def for_backend(self, backend: str, *, check: bool = True, backend_class: type | None = None) -> "ModelSpec":
         """This model as the backend called ``backend`` will load it.
@@ -75,6 +89,9 @@ class ModelSpec:
         default: the built-in backend of that name). Raises
         ``ModelNotFoundError`` / ``ModelLoadError``, and ``BackendUnavailable``
         when no class is given and no built-in backend has that name."""
+        if self.remote and backend != "remote":
+            raise ModelLoadError(f"model alias {self.name!r} runs on the server at {self.path} (backend: remote); "
+                                 f"it cannot run on {backend}")
         path = self.paths.get(backend)
         if path is not None and path != self.path:
             if not _exists(path):
@@ -236,7 +253,8 @@ BUILTINS: dict[str, _Builtin] = {
 
 def _known_aliases(config: Any | None) -> list[str]:
     names = list(getattr(config, "models", None) or {})
-    return names + [n for n in BUILTINS if n not in names]
+    names += [n for n in BUILTINS if n not in names]
+    return names + [n for n in _pulled(config)[1] if n not in names]
 
 
 def _looks_like_path(name: str) -> bool:
@@ -295,6 +313,8 @@ def resolve_model(name: str | None, config: Any | None = None, *, ensure: bool =
 
     entries = getattr(config, "models", None) or {}
     entry = entries.get(name)
+    if entry is not None and getattr(entry, "backend", None) == "remote":
+        return _remote_spec(name, entry)
     if entry is not None:
         raw = str(entry.path)
         source = getattr(config, "source", None)
@@ -325,11 +345,29 @@ def resolve_model(name: str | None, config: Any | None = None, *, ensure: bool =
     if name in BUILTINS:
         return _builtin_spec(name, ensure=ensure)
 
+    pulled = pulled_spec(name, config)  # `assistant models pull` (see the section below)
+    if pulled is not None:
+        return pulled
+
     if _looks_like_path(name) or _exists(Path(name).expanduser()):
         return _path_spec(name, name)
 
     known = ", ".join(_known_aliases(config))
+    from assistant.config.catalog import catalog_entry
+
+    if catalog_entry(name) is not None:
+        raise ModelNotFoundError(f"model {name!r} is in the catalog but not pulled yet: run "
+                                 f"`assistant models pull {name}` (known aliases: {known})")
     raise ModelNotFoundError(f"unknown model {name!r}; known aliases: {known} (or give the path of a model file)")
+
+
+def _remote_spec(name: str, entry: Any) -> ModelSpec:
+    """A ``backend: remote`` alias: no file; the server's URL stands where the path would."""
+    from backends.remote import display_url  # light: no network library until a load
+
+    return ModelSpec(name=name, path=display_url(entry.url), backend="remote", context=entry.context,
+                     threads=entry.threads, chat_template=entry.chat_template, url=entry.url,
+                     remote_model=entry.model, api_key_env=entry.api_key_env)
 
 
 def _builtin_spec(name: str, *, ensure: bool) -> ModelSpec:
@@ -349,6 +387,9 @@ def list_models(config: Any | None = None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     entries = getattr(config, "models", None) or {}
     for name, entry in entries.items():
+        if getattr(entry, "backend", None) == "remote":
+            out.append(_remote_item(name, entry))
+            continue
         item: dict[str, Any] = {
             "name": name,
             "builtin": False,
@@ -383,7 +424,17 @@ def list_models(config: Any | None = None) -> list[dict[str, Any]]:
         except ModelLoadError as exc:
             item.update(path=None, present=False, size_bytes=None, error=str(exc))
         out.append(item)
+    out += pulled_models_list(config, skip=set(entries) | set(BUILTINS))
     return out
+
+
+def _remote_item(name: str, entry: Any) -> dict[str, Any]:
+    """A remote alias in ``list_models``: nothing to download, so always present."""
+    spec = _remote_spec(name, entry)
+    return {"name": name, "builtin": False, "backend": "remote", "context": entry.context, "threads": None,
+            "description": f"{entry.model or name} on the server at {spec.path}", "custom_template": False,
+            "paths": {}, "path": spec.path, "url": spec.path, "remote_model": entry.model or name,
+            "present": True, "size_bytes": None}
 
 
 def _file_facts(path: Path, builtin: _Builtin | None) -> dict[str, Any]:
@@ -396,3 +447,143 @@ def _file_facts(path: Path, builtin: _Builtin | None) -> dict[str, Any]:
     if builtin is not None and builtin.name == "gemma3-270m":
         facts["assembled"] = present
     return facts
+
+
+# --------------------------------------------------------------------------
+# Pulled models (`assistant models pull`)
+#
+# A pull puts each model in its own folder of the models dir (the config's
+# ``models_dir``, else ``<data dir>/models``), its companions beside it, where
+# the sibling discovery of ``mtp-*.gguf`` / ``mmproj-*.gguf`` finds them, and
+# records it in ``pulled.json`` there: alias -> file, size, sha256, source,
+# companions. The file is written only after every file it names is in place
+# and checked, so an alias never names a half-written file.
+
+PULLED_MANIFEST = "pulled.json"
+_PULLED_VERSION = 1
+
+
+def models_dir(config: Any | None = None) -> Path:
+    """Where pulled models live: the config's ``models_dir`` (``~`` expanded; relative to the
+    config file's folder), else ``<user data dir>/models``."""
+    raw = getattr(config, "models_dir", None)
+    if not raw:
+        return paths.data_dir() / "models"
+    source = getattr(config, "source", None)
+    return _abs_path(str(raw), Path(source).parent if source else None)
+
+
+def read_pulled(directory: Path) -> dict[str, dict[str, Any]]:
+    """The pulled models recorded in ``directory``'s manifest (alias -> record); {} when there is none.
+
+    Raises ModelLoadError for a manifest that is there but cannot be read, naming it."""
+    path = directory / PULLED_MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):  # nothing pulled yet (or no such folder at all)
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read the list of pulled models "
+                             f"({getattr(exc, 'strerror', None) or exc}); fix or delete it") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        raise ModelLoadError(f"{path}: not a list of pulled models (no 'models' mapping); fix or delete it")
+    return {str(k): v for k, v in models.items() if isinstance(v, dict)}
+
+
+def register_pulled(directory: Path, name: str, record: dict[str, Any]) -> Path:
+    """Record (or replace) the pulled model ``name`` in ``directory``'s manifest, atomically
+    (temporary file, fsync, rename) and under a lock, so two pulls at once both land."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / PULLED_MANIFEST
+    with _file_lock(directory / f".{PULLED_MANIFEST}.lock"):
+        models = read_pulled(directory)
+        models[name] = record
+        text = json.dumps({"version": _PULLED_VERSION, "models": dict(sorted(models.items()))}, indent=2)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{PULLED_MANIFEST}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+    return path
+
+
+def pulled_file(directory: Path, rel: Any) -> Path | None:
+    """``directory``/``rel`` if ``rel`` is a relative path that stays inside ``directory``; else None
+    (a manifest edited to point elsewhere is not followed)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        return None
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or rel.startswith("~"):
+        return None
+    return directory / p
+
+
+def _pulled(config: Any | None) -> tuple[Path, dict[str, dict[str, Any]]]:
+    directory = models_dir(config)
+    try:
+        return directory, read_pulled(directory)
+    except ModelLoadError:
+        return directory, {}  # resolution goes on without them; `models list` shows the error
+
+
+def pulled_spec(name: str, config: Any | None = None) -> ModelSpec | None:
+    """The pulled model called ``name`` as a ModelSpec, or None when nothing was pulled under that name.
+    Raises ModelNotFoundError when it was, but its file is gone."""
+    directory, models = _pulled(config)
+    record = models.get(name)
+    if record is None:
+        return None
+    path = pulled_file(directory, record.get("file"))
+    if path is None:
+        raise ModelNotFoundError(f"pulled model {name!r}: {directory / PULLED_MANIFEST} names a file outside "
+                                 f"{directory}; pull it again")
+    if not _exists(path):
+        again = record.get("catalog") or record.get("source") or name
+        raise ModelNotFoundError(f"pulled model {name!r}: its file is missing ({path}); "
+                                 f"pull it again: assistant models pull {again}")
+    return ModelSpec(name=name, path=path)
+
+
+def pulled_models_list(config: Any | None = None,
+                       skip: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """``list_models`` entries for the pulled models (those not named in ``skip``), with companions."""
+    directory = models_dir(config)
+    try:
+        models = read_pulled(directory)
+    except ModelLoadError as exc:
+        return [{"name": PULLED_MANIFEST, "builtin": False, "pulled": True, "description": "pulled models",
+                 "path": str(directory / PULLED_MANIFEST), "present": False, "size_bytes": None,
+                 "error": str(exc), "backend": None, "context": None, "threads": None, "custom_template": False}]
+    return [_pulled_item(directory, name, record) for name, record in models.items() if name not in skip]
+
+
+def _pulled_item(directory: Path, name: str, record: dict[str, Any]) -> dict[str, Any]:
+    companions = record.get("companions") or {}
+    item: dict[str, Any] = {
+        "name": name, "builtin": False, "pulled": True,
+        "description": f"pulled from {record.get('catalog') or record.get('source')}",
+        "backend": None, "context": None, "threads": None, "custom_template": False,
+        "sha256": record.get("sha256"), "architecture": record.get("architecture"),
+        "companions": {role: _companion_facts(directory, c) for role, c in companions.items() if isinstance(c, dict)},
+    }
+    path = pulled_file(directory, record.get("file"))
+    if path is None:
+        item.update(path=None, present=False, size_bytes=None,
+                    error="the manifest names a file outside the models dir")
+    else:
+        item.update(_file_facts(path, None))
+    return item
+
+
+def _companion_facts(directory: Path, record: dict[str, Any]) -> dict[str, Any]:
+    path = pulled_file(directory, record.get("file"))
+    if path is None:
+        return {"path": None, "present": False, "size_bytes": None}
+    return {**_file_facts(path, None), "architecture": record.get("architecture")}
