@@ -91,15 +91,15 @@ def test_builtin_backends_are_imported_on_first_use():
             "print('backends.llamacpp' in sys.modules); r.get('llama.cpp'); print('backends.llamacpp' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:3] == ["['llama.cpp', 'mlx']", "False", "True"]
+    assert out.stdout.split("\n")[:3] == ["['llama.cpp', 'mlx', 'remote']", "False", "True"]
 
 
 def test_register_get_names_and_unknown_names():
     registry = BackendRegistry(BUILTIN_BACKENDS)
     registry.register("fake", Fake)
-    assert registry.names() == ["llama.cpp", "mlx", "fake"] and "fake" in registry and "nope" not in registry
+    assert registry.names() == ["llama.cpp", "mlx", "remote", "fake"] and "fake" in registry and "nope" not in registry
     assert registry.get("fake") is Fake
-    with pytest.raises(BackendUnavailable, match=r"unknown backend 'cuda'; known backends: llama.cpp, mlx, fake"):
+    with pytest.raises(BackendUnavailable, match=r"unknown backend 'cuda'; known backends: llama.cpp, mlx, remote, fake"):
         registry.get("cuda")
     with pytest.raises(TypeError, match="Backend subclass"):
         registry.register("bad", object)
@@ -130,7 +130,7 @@ def test_one_registry_from_what_plugins_registered(tmp_path):
     host = PluginHost(dirs=[tmp_path]).load()
     host.collect()
     registry = backend_registry(host)
-    assert registry.names() == ["llama.cpp", "mlx", "tiny"]  # the core plugin's first; 42 is left out
+    assert registry.names() == ["llama.cpp", "mlx", "remote", "tiny"]  # the core plugin's first; 42 is left out
     assert registry.get("tiny").__name__ == "Tiny"
     assert registry.availability(["tiny"]) == {"tiny": (True, "tiny is always here")}
     # with plugins off, the core plugin's built-ins stay

@@ -488,7 +488,7 @@ def test_unregistered_backend_names_file_line_key_and_known_names(tmp_path, line
 def test_check_backends_lists_plugin_backends_and_keeps_auto_out_of_paths(tmp_path):
     config = load_config(write(tmp_path, "backend: tensorrt\n"))
     with pytest.raises(ConfigError, match=r"expected one of auto, llama.cpp, mlx, remote, scripted, got 'tensorrt'"):
-        check_backends(config, ["llama.cpp", "mlx", "scripted"])
+        check_backends(config, ["llama.cpp", "mlx", "remote", "scripted"])
     check_backends(load_config(write(tmp_path, "backend: auto\n")), ["llama.cpp"])  # auto is always known
     config = load_config(write(tmp_path, "models:\n  m:\n    path: /x\n    paths: {auto: /y}\n"))
     with pytest.raises(ConfigError, match=r":4: models\.m\.paths: unknown key 'auto'"):

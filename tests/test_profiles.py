@@ -176,7 +176,7 @@ def test_profile_backends_are_checked_against_the_registry_names_with_their_line
     with pytest.raises(ConfigError) as err:
         apply_profile(cfg, mac())  # the built-ins only
     assert (err.value.key, err.value.line) == ("profiles.mac.backend", 5)  # the text starts with a newline
-    assert err.value.detail == "unknown backend 'scripted' (known: auto, llama.cpp, mlx)"
+    assert err.value.detail == "unknown backend 'scripted' (known: auto, llama.cpp, mlx, remote)"
     effective, choice = apply_profile(cfg, mac(), known_backends=["llama.cpp", "mlx", "scripted"])
     assert effective.backend == "scripted" and choice.name == "mac"
 

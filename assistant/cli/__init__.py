@@ -83,6 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: refusing to start: {exc}", file=sys.stderr)
         return 2
+    if args.http:  # for this run only: overrides http.listen
+        config.http.listen = args.http
     setup_logging(args.log_level or config.log_level, stderr=not args.quiet)
     daemon = Daemon(config, socket_path=paths.socket_path(args.socket), plugins=_plugin_host(args, config))
     try:
@@ -207,7 +209,43 @@ def cmd_ask(args: argparse.Namespace) -> int:
     }
     if args.stop:
         params["stop"] = args.stop
+    response_format = _response_format(args)
+    if response_format is not None:
+        params["response_format"] = response_format
     return _run(_ask(args, params))
+
+
+SCHEMA_FILE_LIMIT = 1024 * 1024  # bytes of a --schema file
+
+
+def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``response_format`` from ``--schema FILE`` (a JSON Schema) or ``--format json``."""
+    if args.schema is not None and args.format is not None:
+        raise CLIError("give --schema FILE or --format json, not both")
+    if args.format is not None:
+        return {"type": "json_object"}
+    if args.schema is None:
+        return None
+    path = Path(args.schema)
+    try:
+        if not path.exists():
+            raise CLIError(f"--schema {path}: no such file")
+        if not path.is_file():  # not a FIFO or a device: reading one could block or never end
+            raise CLIError(f"--schema {path}: not a file")
+        with path.open("rb") as f:
+            data = f.read(SCHEMA_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise CLIError(f"--schema {path}: {exc.strerror or exc}") from None
+    if len(data) > SCHEMA_FILE_LIMIT:
+        raise CLIError(f"--schema {path}: larger than {SCHEMA_FILE_LIMIT // 1024} KiB")
+    try:
+        schema = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise CLIError(f"--schema {path}: not JSON ({exc})") from None
+    if not isinstance(schema, dict):
+        raise CLIError(f"--schema {path}: a JSON Schema is an object, this file holds a {type(schema).__name__}")
+    name = "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in path.stem)[:64] or "schema"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
 async def _ask(args: argparse.Namespace, params: dict[str, Any]) -> int:
@@ -234,6 +272,8 @@ async def _ask(args: argparse.Namespace, params: dict[str, Any]) -> int:
             print("[cancelled]", file=sys.stderr)
         elif result["stats"].get("context_full"):
             print("[stopped: the context window is full]", file=sys.stderr)
+        elif result["finish_reason"] == "length" and "response_format" in params:
+            print("[stopped at --max-tokens: the JSON is not complete]", file=sys.stderr)
     return 130 if result["finish_reason"] == "cancelled" else 0
 
 
@@ -247,6 +287,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.action == "pull":
+        from assistant.cli import pull
+
+        return pull.run(args)
     if args.action == "list":
         data = _run(_call(args, "models.list", start=False)) if _daemon_up(args) else _local_models(args)
         if args.json:
@@ -258,6 +302,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             state = loaded[m["name"]]["state"] if m["name"] in loaded else ("present" if m.get("present") else "absent")
             mark = "*" if m["name"] == data.get("default") else " "
             print(f"{mark}{m['name']:<21} {state:<10} {_human_bytes(m.get('size_bytes')):>10}  {m.get('path')}")
+            for role, c in (m.get("companions") or {}).items():  # a pulled model's mtp / mmproj files
+                cstate = "present" if c.get("present") else "absent"
+                print(f"  + {role:<18} {cstate:<10} {_human_bytes(c.get('size_bytes')):>10}  {c.get('path')}")
         for name, m in loaded.items():
             if name not in {a["name"] for a in data["available"]}:
                 print(f" {name:<21} {m['state']:<10} {'':>10}  {m['path']}")
@@ -511,6 +558,8 @@ def _add_daemon_commands(sub) -> None:
     s = sub.add_parser("serve", help="run the daemon in the foreground")
     s.add_argument("--quiet", action="store_true", help="log only to the log file, not stderr")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--http", metavar="LISTEN", help="also serve the OpenAI/Ollama HTTP API here for this run "
+                   "(127.0.0.1:PORT, [::1]:PORT, HOST:PORT with an API key, unix:PATH); overrides http.listen")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("daemon", help="start, stop or check the background daemon")
@@ -535,6 +584,8 @@ def _add_ask_commands(sub) -> None:
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--session", help="session id: keeps a multi-turn conversation (created if new)")
     s.add_argument("--json", action="store_true", help="print one JSON object (text, stats) at the end")
+    s.add_argument("--schema", metavar="FILE", help="the answer is JSON valid against this JSON Schema file")
+    s.add_argument("--format", choices=["json"], help="json: the answer is a JSON object")
     s.add_argument("--no-start", action="store_true", help="fail instead of starting a daemon")
     s.add_argument("--draft", metavar="DRAFTER",
                    help="speculative decoding: auto, ngram, draft, mtp, off (default: the config's)")
@@ -552,10 +603,14 @@ def _add_ask_commands(sub) -> None:
 
 
 def _add_model_commands(sub) -> None:
-    s = sub.add_parser("models", help="list, load or unload models")
+    s = sub.add_parser("models", help="list, pull, load or unload models")
     ms = s.add_subparsers(dest="action", required=True)
     m = ms.add_parser("list", help="aliases, paths and what is loaded")
     m.add_argument("--json", action="store_true")
+    from assistant.cli import pull
+
+    pull.add_arguments(ms.add_parser("pull", help="download a model (catalog name or URL) and its drafter and "
+                                     "projector into the models dir, and add its alias"))
     m = ms.add_parser("load", help="load a model in the daemon")
     m.add_argument("model")
     m.add_argument("--backend", help="auto, llama.cpp, ...")

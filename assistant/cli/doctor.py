@@ -9,6 +9,7 @@ import asyncio
 from typing import Any
 
 from assistant import __version__, paths
+from assistant.cli import doctor_memory, doctor_mtp, doctor_remote
 from assistant.machine import hardware
 from assistant.machine.choice import BackendChoice, BackendChoiceError, choose_backend
 
@@ -46,7 +47,10 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     report["backend"] = {"configured": config.backend, "chosen": choice.name, "reason": choice.reason}
     if problem:
         _problem(report, problem)
-    report["model"] = _model(config, machine, available, registry, choice.name, report)
+    report["model"] = doctor_remote.model(config, report) or _model(config, machine, available, registry,
+                                                                    choice.name, report)
+    report["remote"] = doctor_remote.diagnose(config, report)  # each remote alias's server: reachable, models
+    report["mtp"] = doctor_mtp.diagnose(config, report)  # the separate MTP drafter (mtp-*.gguf) and why
     report["daemon"] = _daemon_view(args)
     return report
 
@@ -115,8 +119,9 @@ def _model(config, machine: hardware.Machine, available: dict[str, tuple[bool, s
         kv = (info["kv_bytes_per_token"] or 0) * ctx
         fits, fit_why = hardware.fits_in_memory(machine, size, kv)
         model.update(context=ctx, context_reason=ctx_why, fits=fits, fit_reason=fit_why)
-        if not fits:
-            _problem(report, f"model {config.model}: {fit_why}")
+        doctor_memory.apply(model, config, spec, machine, model_backend, requested_ctx)  # the memory plan (GGUF)
+        if not model["fits"]:
+            _problem(report, f"model {config.model}: {model['fit_reason']}")
     except (ModelLoadError, BackendUnavailable) as exc:
         model["error"] = str(exc)
         _problem(report, str(exc))
@@ -183,13 +188,16 @@ def render(r: dict[str, Any]) -> str:
                      + (f" (for {md['backend']})" if md.get("backend") else ""))
         if "error" in md:
             lines.append(f"          ERROR: {md['error']}")
-        else:
+        elif not md.get("remote"):  # a remote model's server: the remote lines below
             lines.append(f"          {md.get('architecture')}, {md.get('quantization')}, {_size(md.get('size_bytes'))}, "
                          f"trained on {md.get('context_length')} tokens, chat template: "
                          f"{'yes' if md.get('has_chat_template') else 'no (fallback)'}")
+            lines += doctor_memory.render_memory(md.get("memory"))
             lines.append(f"context:  {md['context_reason']}")
             lines.append(f"fits:     {'yes' if md['fits'] else 'NO'}: {md['fit_reason']}")
         lines.append(f"threads:  {md['threads']}: {md['threads_reason']}")
+    lines += doctor_mtp.render(r)
+    lines += doctor_remote.render(r)
     d = r.get("daemon", {})
     if d.get("running"):
         lines.append(f"daemon:   running (pid {d['pid']}) on {d['socket']}")

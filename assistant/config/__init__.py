@@ -340,6 +340,11 @@ HTTP_FIELDS: dict[str, Field] = {
     "cors_origins": Field("list", None, "Origins allowed to call the API from a browser (CORS); empty: none.",
                           item=Field("str")),
     "max_body_bytes": Field("int", 32 * 1024 * 1024, "Largest request body accepted (413 past it).", min=1024),
+    "load_timeout": Field("float", 60.0, "Seconds a request waits for its model to load; past it the answer is "
+                          "503 with Retry-After while the load goes on.", min=0.1),
+    "read_timeout": Field("float", 30.0, "Seconds a client has to send a request's headers (from connecting or "
+                          "from the end of its previous reply, so also how long an idle connection stays open), "
+                          "and again its body; past it the connection is closed (408 for a body).", min=0.1),
 }
 
 
@@ -353,6 +358,8 @@ class HttpSettings:
     allowed_hosts: list[str] = field(default_factory=list)
     cors_origins: list[str] = field(default_factory=list)
     max_body_bytes: int = HTTP_FIELDS["max_body_bytes"].default
+    load_timeout: float = HTTP_FIELDS["load_timeout"].default
+    read_timeout: float = HTTP_FIELDS["read_timeout"].default
 
     def __post_init__(self) -> None:
         self.api_keys = list(self.api_keys or [])
@@ -407,6 +414,9 @@ SCHEMA: dict[str, Field] = {
                          cls=SpeculativeDefaults),
     "models": Field("map", doc="Model aliases: name -> settings.",
                     item=Field("section", fields=MODEL_FIELDS, cls=ModelEntry)),
+    "models_dir": Field("str", None, "Where `assistant models pull` puts models (a folder per alias, and "
+                        "pulled.json naming them); ~ is expanded, a relative path is relative to this file; "
+                        "null: models/ in the user data dir.", nullable=True, expand_user=True),
     "profiles": Field("map", doc="Per-machine settings: name -> hostname and/or platform to match, and the "
                       "backend, model, threads, context to use there. The first match in file order applies.",
                       item=Field("section", fields=PROFILE_FIELDS, cls=Profile)),
@@ -440,6 +450,7 @@ class Config:
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     speculative: SpeculativeDefaults = field(default_factory=SpeculativeDefaults)
     models: dict[str, ModelEntry] = field(default_factory=dict)
+    models_dir: str | None = SCHEMA["models_dir"].default
     profiles: dict[str, Profile] = field(default_factory=dict)
     plugin_dirs: list[str] = field(default_factory=list)
     plugins: dict[str, Any] = field(default_factory=dict)
@@ -523,10 +534,11 @@ def check_backends(config: Config, names: Iterable[str]) -> None:
         if value is not None and value not in choices:
             detail = _bad_value(dataclasses.replace(spec, choices=choices, open=False), value)
             raise ConfigError(detail, path=config.source, line=config.lines.get(key), key=key)
+    with_files = [n for n in known if n != "remote"]  # a remote model has no file
     for alias, entry in config.models.items():
         for backend in entry.paths:
-            if backend not in known:
-                raise ConfigError(_unknown_key(backend, known), path=config.source, key=f"models.{alias}.paths",
+            if backend not in with_files:
+                raise ConfigError(_unknown_key(backend, with_files), path=config.source, key=f"models.{alias}.paths",
                                   line=config.lines.get(f"models.{alias}.paths.{backend}"))
 
 
