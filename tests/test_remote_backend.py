@@ -30,12 +30,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from remote_servers import cancel_after, chat, error_of, free_port, wait_http
 from test_tools import PLUGIN as SCRIPTED_PLUGIN
 
 from assistant.config.models import resolve_model
@@ -53,34 +52,6 @@ KEY = "sk-test-7c1d0e9a-never-in-a-log"
 GREEDY = {"temperature": 0, "max_tokens": 12}
 QUESTION = "What is the capital of France?"
 STORY = "Write a very long story about a cat who travels the world."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers_http(port: int, timeout: float = 1.0) -> bool:
-    """Whether anything answers HTTP on ``port`` (an error status counts: it is up)."""
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def wait_http(port: int, proc: subprocess.Popen | None = None, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server on port {port} exited with {proc.returncode}")
-        if answers_http(port):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing answered on port {port} within {timeout} s")
 
 
 class LlamaServer:
@@ -216,14 +187,6 @@ def remote_daemon(tmp_path_factory, llama_server, ports, killable):
     d.stop()
 
 
-async def chat(d: DaemonProcess, **params):
-    """(deltas, result) of one chat."""
-    async with await d.client() as c:
-        stream = await c.chat(**params)
-        deltas = [piece async for piece in stream]
-        return deltas, await stream.result()
-
-
 _TEXT: dict[str, str] = {}
 
 
@@ -232,25 +195,6 @@ async def far_text(d: DaemonProcess) -> str:
     if "far" not in _TEXT:
         _TEXT["far"] = (await chat(d, prompt=QUESTION, model="far", **GREEDY))[1]["text"]
     return _TEXT["far"]
-
-
-async def error_of(d: DaemonProcess, **params) -> RPCError:
-    with pytest.raises(RPCError) as info:
-        await chat(d, **params)
-    return info.value
-
-
-async def cancel_after(d: DaemonProcess, pieces: int, **params):
-    """Start a chat, cancel it after ``pieces`` deltas; (deltas, result)."""
-    async with await d.client() as c:
-        stream = await c.chat(**params)
-        got = []
-        async for piece in stream:
-            got.append(piece)
-            if len(got) == pieces:
-                assert await stream.cancel()
-                break
-        return got, await stream.result()
 
 
 # -- through the daemon, on llama-cpp-python's server --------------------------------------------
