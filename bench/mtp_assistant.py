@@ -1,7 +1,7 @@
 """A Gemma 4 request with its random-weight MTP drafter on (controller on)
 against the same request with drafting off: the speed ratio.
 
-    python bench/mtp_assistant.py [--tokens 200] [--rounds 3] [--embd 64 --layers 4] [--threads 2]
+    python bench/mtp_assistant.py [--tokens 200] [--rounds 3] [--embd 64 --layers 4] [--threads 2] [--forget]
 
 The issue's failure mode: MTP that makes Gemma 4 slower. A drafter with
 random weights accepts (almost) nothing, so the adaptive controller must
@@ -20,7 +20,12 @@ overhead weighs less) and a 2-layer ``gemma4-assistant``
 
 Both with the Q8_0 K cache the daemon uses when drafting, greedy, the end of
 generation suppressed so that each run makes exactly ``--tokens`` tokens.
-Prints tokens/s per round, the medians, the ratio, and what was drafted.
+The ``mtp`` rounds share one ``CostModel`` (costs and the drafter's measured
+acceptance, ``CostModel.acceptance``), as the requests of one loaded model do
+in the daemon (``worker.costs``): the first round learns that the drafter
+accepts nothing, the later ones start with it switched off and only probe
+(``--forget``: every round learns alone, as requests did before).
+Prints per round tokens/s, the ratio and what was drafted; then the medians.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from gemma4_files import AssistantShape, Gemma4Shape, write_assistant, write_tar
 
 from assistant.inference import speculative as S  # noqa: E402
 from assistant.inference.generation import generate  # noqa: E402
+from assistant.inference.speculative.costs import AcceptanceMemory  # noqa: E402
 from assistant.inference.sampling import SamplingParams  # noqa: E402
 from backends.base import LoadOptions  # noqa: E402
 from backends.llamacpp import LlamaCppBackend  # noqa: E402
@@ -75,27 +81,36 @@ def main() -> int:
     ap.add_argument("--embd", type=int, default=64, help="the target's hidden size (the tests' tiny model: 64)")
     ap.add_argument("--layers", type=int, default=4, help="the target's layers (even)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--forget", action="store_true",
+                    help="each round starts without the earlier rounds' acceptance (a request learning alone)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         target, drafter = _files(Path(tmp), args.embd, args.layers)
         off, on = _load(target, args.threads, None), _load(target, args.threads, drafter)
         prompt = off.tokenize(off.apply_chat_template([{"role": "user", "content": PROMPT}]))
-        costs = S.calibrate(on, prompt, 9)  # what the daemon measures once per model file and machine
-        results: dict[str, list[float]] = {"off": [], "mtp": []}
+        # What the daemon measures once per model file and machine (its engines verify
+        # up to max_draft + 1 tokens), so that no round pays for it.
+        costs = S.calibrate(on, prompt, S.DEFAULT_MAX_DRAFT + 1)
+        results: dict[str, list[float]] = {"off": [], "mtp": [], "ratio": []}
         drafted = accepted = 0
         for rnd in range(args.rounds):
             tps_off, _, _, toks_off = _run(off, prompt, args.tokens, None)
-            engine = S.SpeculativeEngine(S.MtpDrafter(on), costs=costs)
+            if args.forget:
+                costs.acceptance = AcceptanceMemory()
+            engine = S.SpeculativeEngine(S.MtpDrafter(on), costs=costs)  # one CostModel: the worker's
             tps_on, d, a, toks_on = _run(on, prompt, args.tokens, engine)
             same = "identical" if toks_on == toks_off else "DIFFERENT"
             results["off"].append(tps_off)
             results["mtp"].append(tps_on)
+            results["ratio"].append(tps_on / tps_off if tps_off else 0.0)
             drafted, accepted = drafted + d, accepted + a
-            print(f"round {rnd + 1}: off {tps_off:.1f} tok/s, mtp {tps_on:.1f} tok/s "
-                  f"(drafted {d}, accepted {a}, text {same})")
+            sp = engine.verify
+            print(f"round {rnd + 1}: off {tps_off:.1f} tok/s, mtp {tps_on:.1f} tok/s, ratio {results['ratio'][-1]:.3f} "
+                  f"(drafted {d}, accepted {a}, {sp.verify_steps} verify steps, {sp.probes} probes, text {same})")
         med_off, med_on = statistics.median(results["off"]), statistics.median(results["mtp"])
         print(f"target E={args.embd} L={args.layers}, {args.tokens} tokens, {args.threads} threads: "
-              f"off {med_off:.1f} tok/s, mtp (controller on) {med_on:.1f} tok/s, ratio {med_on / med_off:.3f}; "
+              f"off {med_off:.1f} tok/s, mtp (controller on) {med_on:.1f} tok/s, ratio of medians "
+              f"{med_on / med_off:.3f}, median of round ratios {statistics.median(results['ratio']):.3f}; "
               f"drafted {drafted}, accepted {accepted} over {args.rounds} rounds")
         on.unload()
         off.unload()

@@ -8,13 +8,29 @@ is the one with the best expected tokens per second, and 0 (a plain step)
 when no length beats plain decoding. If the realised speed of the recent
 verify steps falls below plain decoding anyway, drafting pauses for the
 request (32 tokens, doubling each time) and then probes again.
+
+Acceptance is a property of the model and its drafter more than of one
+request, so the evidence lives with the loaded model (the cost model's
+:class:`~assistant.inference.speculative.costs.AcceptanceMemory`): a request
+starts from what the earlier ones measured, a class they found useless is
+switched off from its first token, and a class that paid drafts at once.
+Probes go on (a drafter that starts to pay is found again): prompt lookup
+costs nothing to draft and a new prompt may be one to copy, so its probes
+start again with each request (after 32 tokens, 64, ...); a model's drafts
+cost time, so its schedule runs on across requests (a drafter with random
+weights then costs one short probe per 1024 tokens). A drafter that costs
+time and has no evidence yet tries a short draft first, and one whose drafted
+token costs a plain step or more (it cannot pay, whatever it accepts) is
+probed with one token: enough to see whether its cost has changed.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from assistant.inference.speculative.costs import CostModel
+from assistant.inference.speculative.auto import AutoDrafter
+from assistant.inference.speculative.costs import AcceptanceMemory, CostModel, Evidence
+from assistant.inference.speculative.model import ModelDrafter
 
 # Prior acceptance per class: (accepted, tried) pseudo-counts.
 _PRIORS = {
@@ -34,14 +50,41 @@ PAUSE_START, PAUSE_MAX = 32, 1024
 PROBE_DRAFT = 4  # tokens drafted to probe a switched-off class
 
 
+def evidence_key(drafter: object) -> Callable[[str], str]:
+    """How ``drafter``'s classes are named in the model's AcceptanceMemory: by
+    the class, except a draft model's ("draft"), which is named with the draft
+    model's file too (two draft models of one target accept differently)."""
+    model = drafter.model if isinstance(drafter, AutoDrafter) else drafter
+    if not isinstance(model, ModelDrafter):
+        return str
+    info = model.model.info
+    where = f"draft@{info.path or info.name}"
+    return lambda cls: where if cls == "draft" else cls
+
+
 class Controller:
     """Picks the draft length from measured acceptance and cost; pauses
-    drafting for the request when recent verify steps did not pay."""
+    drafting for the request when recent verify steps did not pay.
 
-    def __init__(self, cost: CostModel, max_draft: int, token_cost: Callable[[str], float]):
+    ``memory``: the acceptance of earlier requests, read as each class is
+    first used and kept up to date as drafts are verified (default: the cost
+    model's, i.e. the loaded model's); ``key`` names a class there
+    (:func:`evidence_key`). ``short_first``: the drafter costs time, so a class
+    with no evidence at all drafts at most ``PROBE_DRAFT`` tokens first."""
+
+    def __init__(self, cost: CostModel, max_draft: int, token_cost: Callable[[str], float], *,
+                 memory: AcceptanceMemory | None = None, key: Callable[[str], str] = str,
+                 short_first: bool = False):
         self.cost = cost
         self.max_draft = max_draft
         self.token_cost = token_cost  # class -> seconds per drafted token (0: free, as prompt lookup)
+        self.memory = cost.acceptance if memory is None else memory
+        self.key = key
+        self.short_first = short_first
+        self.recalled: set[str] = set()  # classes whose earlier evidence this request has read
+        self.known_cost: dict[str, float] = {}  # class -> seconds per drafted token, as last measured
+        self.drafting: set[str] = set()  # classes whose last choice was a draft that pays (not a probe)
+        self.cost_probes: set[str] = set()  # classes whose last draft was a one-token probe of their cost
         self.stats: dict[str, list[float]] = {}
         self.room = 0  # set by the engine before each proposal
         self.window: list[tuple[float, float]] = []  # (tokens gained * plain step, seconds)
@@ -63,6 +106,8 @@ class Controller:
 
     def record(self, cls: str, drafted: int, accepted: int) -> None:
         """A draft of class ``cls`` had ``accepted`` of its ``drafted`` tokens accepted."""
+        if cls not in self.recalled:
+            self._recall(cls)
         s = self.stats.get(cls)
         if s is None:
             s = list(_PRIORS.get(cls, (2.0, 5.0)))
@@ -73,10 +118,54 @@ class Controller:
         if s[1] > _MEMORY:  # a long accepted draft must not outweigh the next miss
             s[0] *= _MEMORY / s[1]
             s[1] = _MEMORY
-        if cls in self.probe and accepted == drafted:
-            # A switched-off class drafted right again: start it afresh from the prior.
+        cost_probe = cls in self.cost_probes
+        self.cost_probes.discard(cls)
+        if cls in self.probe and accepted == drafted and not cost_probe:
+            # A switched-off class drafted right again: start it afresh from the
+            # prior, here and in the next requests. (One token of a cost probe
+            # says too little: a random drafter guesses one right now and then.)
             del self.probe[cls]
             del self.stats[cls]
+            self.memory.forget(self.key(cls))
+            return
+        key = self.key(cls)
+        kept = self.memory.get(key)
+        self.memory.put(key, Evidence(s[0], s[1], self._token_cost(cls),
+                                      kept.probe_every if kept else 0, kept.probe_in if kept else 0))
+
+    def _token_cost(self, cls: str) -> float:
+        """Seconds per drafted token of ``cls``: the drafter's figure, or before it has
+        one in this request (a new drafter per request) the one measured before."""
+        return self.token_cost(cls) or self.known_cost.get(cls, 0.0)
+
+    def _recall(self, cls: str) -> None:
+        """On a class's first use in this request: start from what earlier requests
+        measured, and where its probes were due (a model drafter switched off)."""
+        self.recalled.add(cls)
+        if cls in self.stats:
+            return
+        kept = self.memory.get(self.key(cls))
+        if kept is None:
+            return
+        self.stats[cls] = [kept.accepted, kept.tried]
+        if kept.token_s:
+            self.known_cost[cls] = kept.token_s
+        if kept.probe_every:
+            self.probe[cls] = [self.position + kept.probe_in, kept.probe_every]
+
+    def end(self, position: int) -> None:
+        """The request is over at ``position`` (tokens): the probe schedules of the
+        switched-off classes that cost time to draft run on in the next request."""
+        for cls in self.recalled:
+            key = self.key(cls)
+            kept = self.memory.get(key)
+            if kept is None:
+                continue
+            probe = self.probe.get(cls)
+            if kept.costly and probe is not None and cls not in self.drafting:  # off: a probe to come
+                self.memory.put(key, kept._replace(probe_every=probe[1], probe_in=max(0, probe[0] - position)))
+            elif kept.probe_every:
+                self.memory.put(key, kept._replace(probe_every=0, probe_in=0))
 
     def choose(self, cls: str, available: int) -> int:
         """How many tokens of class ``cls`` to draft now (0: none), of the
@@ -84,6 +173,8 @@ class Controller:
         k_max = min(available, self.room, self.max_draft)
         if k_max <= 0:
             return 0
+        if cls not in self.recalled:
+            self._recall(cls)
         probe = self.probe.get(cls)
         if probe is not None and self.position < probe[0]:
             # Switched off until its next probe: its acceptance cannot have changed
@@ -92,7 +183,13 @@ class Controller:
             return 0
         k = self._best(cls, k_max)
         if k > 0:
+            self.drafting.add(cls)
+            if self.short_first and cls not in self.stats:
+                # Nothing measured on this model yet, and drafting costs time: a short
+                # draft says enough to judge it (a useless drafter wastes little).
+                return min(k, PROBE_DRAFT)
             return k
+        self.drafting.discard(cls)
         if cls not in self.stats and self.alpha(cls) < 0.8:
             return 0  # never drafted and not promising: nothing to learn
         # This class drafted before and stopped paying (or should pay but the
@@ -104,12 +201,16 @@ class Controller:
         probe[1] = min(2 * probe[1], PAUSE_MAX)
         probe[0] = self.position + probe[1]
         self.probes += 1
+        if self._token_cost(cls) >= self.cost.step_cost():
+            self.cost_probes.add(cls)
+            return 1  # it cannot pay at any acceptance: one token re-measures its cost
+        self.cost_probes.discard(cls)
         return min(k_max, PROBE_DRAFT)
 
     def _best(self, cls: str, k_max: int) -> int:
         a = self.alpha(cls)
         c1 = self.cost.step_cost()
-        extra = self.token_cost(cls)
+        extra = self._token_cost(cls)
         best_k, best = 0, 1.03  # drafting must beat plain decoding by a margin
         expected = 1.0
         power = 1.0

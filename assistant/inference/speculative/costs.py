@@ -1,10 +1,75 @@
-"""What decoding costs on one loaded model: :class:`CostModel`, the measured
-plain step and verify batches the controller weighs drafts against, and
-the largest verify batch that is bit-exact (found by calibration)."""
+"""What decoding costs and what drafting earns on one loaded model:
+:class:`CostModel`, the measured plain step and verify batches the controller
+weighs drafts against, the largest verify batch that is bit-exact (found by
+calibration), and its :class:`AcceptanceMemory`, the acceptance each drafter
+class had in the model's earlier requests."""
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
+from typing import NamedTuple
+
+MEMORY_ENTRIES = 64  # drafter classes an AcceptanceMemory keeps (the least recently used goes first)
+
+
+class Evidence(NamedTuple):
+    """What earlier requests measured of one drafter class."""
+
+    accepted: float  # (accepted, tried): pseudo-counts, decayed and bounded by the controller
+    tried: float
+    token_s: float = 0.0  # seconds per drafted token when last drafted (0: free, as prompt lookup)
+    probe_every: int = 0  # switched off: tokens between its probes (0: not switched off)
+    probe_in: int = 0  # switched off: tokens until its next probe
+
+    @property
+    def costly(self) -> bool:
+        """Drafting it costs time (a model): its probe schedule carries over to the next request."""
+        return self.token_s > 0
+
+
+class AcceptanceMemory:
+    """Acceptance evidence per drafter class, carried from one request of a
+    loaded model to the next, so that a request starts from what the earlier
+    ones measured: a drafter that accepted nothing starts switched off (and is
+    only probed), one that accepted well drafts at once.
+
+    Keys are the controller's class names (``"mtp"``, ``"ngram:8+"``; a draft
+    model's ``"draft"`` class with the draft model's file, see
+    ``controller.evidence_key``), values :class:`Evidence`. At most
+    ``max_entries`` keys are kept, the least recently written going first. Two
+    requests of one model may run at once (background work on a second
+    context): a lock keeps the table whole."""
+
+    def __init__(self, max_entries: int = MEMORY_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._evidence: OrderedDict[str, Evidence] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Evidence | None:
+        """What earlier requests measured of ``key``, None if nothing."""
+        return self._evidence.get(key)
+
+    def put(self, key: str, evidence: Evidence) -> None:
+        """What is now known of ``key`` (it replaces what was kept)."""
+        with self._lock:
+            ev = self._evidence
+            ev[key] = evidence
+            ev.move_to_end(key)
+            while len(ev) > self.max_entries:
+                ev.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        """Nothing is known of ``key`` any more (the next request starts from the prior)."""
+        with self._lock:
+            self._evidence.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._evidence)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._evidence
 
 
 class CostModel:
@@ -15,9 +80,11 @@ class CostModel:
 
     One per loaded model, kept as long as the model is loaded (the daemon
     keeps it with the model; see ``SpeculativeEngine``'s ``costs``), so each
-    request starts from what the earlier ones measured."""
+    request starts from what the earlier ones measured; ``acceptance`` is the
+    drafters' acceptance in those requests (:class:`AcceptanceMemory`)."""
 
     def __init__(self) -> None:
+        self.acceptance = AcceptanceMemory()
         self.step: float | None = None
         self.ratios: dict[int, list[float]] = {}  # batch size -> [ratio EMA, observations]
         self.exact_batch: int | None = None  # None: not calibrated

@@ -21,7 +21,7 @@ from backends.base import Backend
 from assistant.inference.sampling import Sampler
 from assistant.inference.speculative.cache import rollback
 from assistant.inference.speculative.calibration import CalibrationStore, calibrate
-from assistant.inference.speculative.controller import Controller
+from assistant.inference.speculative.controller import Controller, evidence_key
 from assistant.inference.speculative.costs import CostModel
 from assistant.inference.speculative.drafter import DEFAULT_MAX_DRAFT, Draft, Drafter, check_max_draft
 from assistant.inference.stats import VerifyStats
@@ -36,8 +36,9 @@ class SpeculativeEngine:
     ``max_draft`` tokens whenever the drafter has any (tests). ``costs``:
     the loaded model's :class:`CostModel`, which the caller keeps as long as
     the model is loaded (the daemon: one per loaded model) so that each
-    request starts from what earlier ones measured; None: a new one (this
-    request measures from scratch). ``calibration``: where calibration
+    request starts from what earlier ones measured (costs, and the drafters'
+    acceptance: ``CostModel.acceptance``); None: a new one (this request
+    measures from scratch). ``calibration``: where calibration
     results are kept across processes (None: measure, keep nothing).
 
     After :meth:`decode`, ``drafted``, ``accepted`` and ``verify`` hold the
@@ -91,6 +92,7 @@ class SpeculativeEngine:
             run.finish()
             raise
         finally:
+            run.ctl.end(len(history))  # what the next request of this model starts from
             self.drafter.close()
 
     @staticmethod
@@ -170,12 +172,14 @@ class _Decode:
         self.cost = cost = engine.costs
         drafter = engine.drafter
         token_cost = getattr(drafter, "token_cost", None)
+        self.needs_costs = getattr(drafter, "needs_costs", False)
+        # Acceptance evidence is the loaded model's (cost.acceptance), kept across requests.
         self.ctl = ctl = Controller(cost, engine.max_draft,
                                     (lambda cls: token_cost(cls, cost.step_cost())) if token_cost
-                                    else (lambda cls: 0.0))
+                                    else (lambda cls: 0.0),
+                                    key=evidence_key(drafter), short_first=self.needs_costs)
         self.choose = ctl.choose if engine.adaptive else (
             lambda cls, available: min(available, ctl.room, engine.max_draft))
-        self.needs_costs = getattr(drafter, "needs_costs", False)
         self.fast = sampler.is_argmax  # a verify batch is picked with one argmax
         self.penalised = sampler.params.repeat_penalty != 1.0
         self.cache_len = len(backend.cached_tokens)
