@@ -106,7 +106,8 @@ def main() -> int:
             drafted, accepted = drafted + d, accepted + a
             sp = engine.verify
             print(f"round {rnd + 1}: off {tps_off:.1f} tok/s, mtp {tps_on:.1f} tok/s, ratio {results['ratio'][-1]:.3f} "
-                  f"(drafted {d}, accepted {a}, {sp.verify_steps} verify steps, {sp.probes} probes, text {same})")
+                  f"(drafted {d}, accepted {a}, {sp.verify_steps} verify steps, {sp.probes} probes, "
+                  f"{sp.draft_ms + sp.verify_ms:.1f} ms drafting and verifying, text {same})")
         med_off, med_on = statistics.median(results["off"]), statistics.median(results["mtp"])
         print(f"target E={args.embd} L={args.layers}, {args.tokens} tokens, {args.threads} threads: "
               f"off {med_off:.1f} tok/s, mtp (controller on) {med_on:.1f} tok/s, ratio of medians "

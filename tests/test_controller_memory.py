@@ -281,17 +281,18 @@ def test_prompt_lookup_still_wins_on_a_copy_request_after_open_text():
 def test_smollm2_prompt_lookup_on_a_copy_prompt_after_open_chat(smol):  # noqa: F811
     """The real lookup drafter on the real model, one cost model for both
     requests as the daemon keeps it: open chat first, then a text to fix (it
-    copies); the copy request still finds most of what a lookup can find."""
+    copies); the copy request still finds most of what a lookup can find.
+    (Greedy identity on these prompts: tests/test_speculative.py.)"""
     cm = S.CostModel()
     for name, n in (("open-chat", 120), ("text-fix", 200)):
         prompt = _chat(smol, name)
         smol.truncate(0)
-        plain = generate(smol, prompt, GREEDY, max_tokens=n)
-        smol.truncate(0)
         spec = generate(smol, prompt, GREEDY, max_tokens=n,
                         speculative=S.SpeculativeEngine(S.AutoDrafter(S.NgramDrafter(), None), costs=cm))
-        assert spec.tokens == plain.tokens, name
+        if name == "open-chat":
+            after_open = {k: cm.acceptance.get(k) for k in ("ngram:2", "ngram:3", "ngram:4", "ngram:5+", "ngram:8+")}
     findable = _lookup_hits(prompt, spec.tokens)
-    print(f"text-fix after open-chat: {spec.stats.accepted} accepted, {findable} findable")
+    print(f"text-fix after open-chat: {spec.stats.accepted} accepted, {findable} findable; "
+          f"evidence after open chat: {after_open}")
     assert findable > 0.25 * len(spec.tokens)
     assert spec.stats.accepted >= 0.7 * findable, (findable, spec.stats)
