@@ -15,9 +15,12 @@ from __future__ import annotations
 import abc
 import codecs
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from backends.media import MediaInput, MediaPrompt, MediaSpan
 
 
 class BackendError(Exception):
@@ -34,6 +37,11 @@ class ModelLoadError(BackendError):
 
 class EmbeddingsUnsupported(BackendError):
     """This backend (or model) cannot compute embeddings (``Backend.embed``)."""
+
+
+class MediaError(BackendError):
+    """A medium (image, audio) the model cannot read: a kind it does not take, a
+    file its decoder refuses, a projector that does not fit the model."""
 
 
 class ContextOverflowError(BackendError):
@@ -77,6 +85,9 @@ class LoadOptions:
     # paired with it; None: only the model's own NextN layers, if any (``mtp_support``).
     # A drafter that does not pair is refused (ModelLoadError) before anything loads.
     mtp_model: str | None = None
+    # A multimodal projector (llama.cpp's mmproj-*.gguf) for images and audio read natively;
+    # None: a ``mmproj-*.gguf`` beside the model that pairs with it, if any (``media_support``).
+    mmproj: str | None = None
 
 
 MTP_KINDS = ("nextn", "assistant")  # what ``Backend.mtp_kind`` returns (or None)
@@ -241,6 +252,34 @@ class Backend(abc.ABC):
         cache plus one token not yet evaluated (the engine's state between
         steps); [] where nothing can be drafted. The cache is left as it was."""
         raise BackendError(self.mtp_support()[1])
+
+    # -- optional: media read natively (images, audio; see backends/media.py) ------
+
+    def media_support(self) -> frozenset[str]:
+        """The media kinds ("image", "audio") the loaded model reads itself. The
+        default: none (the daemon falls back to OCR / transcription skills)."""
+        return frozenset()
+
+    def media_marker(self) -> str:
+        """The text the daemon writes into a message where a medium goes, one per
+        medium, before the chat template renders it (llama.cpp's mtmd marker)."""
+        return "<__media__>"
+
+    def tokenize_media(self, text: str, media: Sequence["MediaInput"]) -> "MediaPrompt":
+        """The rendered prompt ``text`` (one :meth:`media_marker` per medium, in
+        order) and its ``media`` as a ``MediaPrompt``: text tokens, and a span of
+        placeholder ids per medium, as many positions as the model counts for it.
+        Raises ``MediaError`` for a medium the model cannot read (a kind it does
+        not take, a file its decoder refuses); encoding may be left to
+        :meth:`forward_media`."""
+        raise MediaError(f"the {self.name} backend reads no media natively")
+
+    def forward_media(self, span: "MediaSpan") -> None:
+        """Append one medium (a span of :meth:`tokenize_media`'s prompt) to the
+        cache at the cache's end; ``cached_tokens`` then ends with its
+        placeholders. Sets ``span.encode_ms``. Raises ``ContextOverflowError``
+        like :meth:`forward`. No logits: a prompt always ends in text."""
+        raise MediaError(f"the {self.name} backend reads no media natively")
 
     # -- optional: embeddings (the HTTP API's /v1/embeddings) --------------------
 

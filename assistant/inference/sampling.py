@@ -93,6 +93,8 @@ class Sampler:
         if p.repeat_penalty == 1.0 or not history or p.repeat_last_n == 0:
             return self._masked(logits) if self.banned else logits
         recent = np.unique(np.asarray(history[-p.repeat_last_n :], dtype=np.int64))
+        if len(recent) and recent[0] < 0:  # media placeholders (backends/media.py) are no tokens
+            recent = recent[recent >= 0]
         out = logits.astype(np.float32, copy=True)
         vals = out[recent]
         out[recent] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)

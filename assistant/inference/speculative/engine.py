@@ -132,6 +132,17 @@ class SpeculativeEngine:
         raise AssertionError("unreachable")
 
 
+def _before_media(draft: Draft) -> Draft | None:
+    """The draft up to its first media placeholder (a negative id, backends/media.py):
+    a lookup drafter copying from a prompt with an image in it may reach one, and it is
+    no token a model can evaluate. None when nothing is left."""
+    tokens = draft.tokens
+    if min(tokens) >= 0:
+        return draft
+    cut = next(i for i, t in enumerate(tokens) if t < 0)
+    return Draft(tokens[:cut], draft.cls, draft.q[:cut] if draft.q is not None else None, draft.cost_s) if cut else None
+
+
 def _within_grammar(draft: Draft, sampler: Sampler) -> Draft | None:
     """The draft up to the first token the reply's grammar (structured output) rejects:
     that token ends the draft, since verifying it could only fail. None when nothing is
@@ -208,6 +219,9 @@ class _Decode:
             if draft and engine.exact and _needs_calibration(cost, room):
                 room = self._calibrated(room)  # first draft on this model: find the largest exact batch
         if not draft or not draft.tokens or room <= 0:
+            return None
+        draft = _before_media(draft)
+        if draft is None:
             return None
         draft = _within_grammar(draft, self.sampler)
         if draft is None:
