@@ -20,7 +20,7 @@ import asyncio
 import json
 import logging
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 from .base import BackendError, ModelLoadError
 from .remote_stream import RemoteError, classify_error
@@ -39,10 +39,17 @@ NO_ENDPOINT = (404, 405, 501)  # statuses of a server without the endpoint asked
 
 
 class Never:
-    """A cancel flag that is never set."""
+    """A cancel flag that is never set (so there is nothing to watch: ``listen`` never calls)."""
 
     def is_set(self) -> bool:
         return False
+
+    def listen(self, fn: Callable[[], None]) -> Callable[[], None]:
+        return _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 def display_url(url: str) -> str:

@@ -3,10 +3,23 @@
 Same model, same prompt tokens, greedy, plain decoding (no drafter), same
 threads and context, interleaved round by round in one run. Prints, side by
 side, client-measured tokens/s (after the first token) and time to first
-token for the three, the ratios to direct, and whether the text is the same.
+token each way, the ratios to direct, and whether the text is the same.
+
 The HTTP side is the OpenAI chat completions endpoint read as server-sent
-events by httpx (what an OpenAI client does); the daemon's cache is dropped
-between rounds (a reload), so every TTFT includes the prompt's prefill.
+events by httpx (what the openai SDK does), and again by aiohttp. httpx
+itself costs a few ms of the time to first token (measured: the request
+reaches the daemon ~3 ms later than aiohttp's, the first event is read ~4 ms
+later) and CPU per event that the model's threads miss on a small machine;
+the aiohttp row is closer to the daemon's own part.
+
+The daemon's cache is dropped between rounds (the model unloaded, then
+loaded again, both done before the round starts), as llama-cpp-python's is
+(``reset``), so every TTFT includes the prompt's whole prefill. Both sides
+load the model alike: the same file, context, threads (prompt and
+generation), batch (512), flash attention on (llama.cpp's "auto" on the CPU,
+which the daemon keeps; llama-cpp-python is told), an F16 K and V cache
+(drafting off: with a drafter the daemon asks for a Q8_0 K cache), no MTP
+layers.
 
     .venv/bin/python bench/http_streaming.py [--rounds 5] [--tokens 200] [--threads 2]
 
@@ -32,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import aiohttp  # noqa: E402
 import httpx  # noqa: E402
 
 from assistant.client import Client  # noqa: E402
@@ -41,27 +55,54 @@ sys.path.insert(0, str(ROOT / "bench"))
 from daemon_vs_direct import PROMPT, _daemon_tokens, daemon_run, direct_run  # noqa: E402
 
 
-async def http_run(http: httpx.AsyncClient, url: str, messages, n: int) -> tuple[float, float, int, str]:
-    """(ttft_ms, tokens/s after the first, tokens, text) of one streamed chat completion."""
-    body = {"messages": messages, "max_tokens": n, "temperature": 0.0, "draft": "off", "stream": True,
+def _body(messages, n: int) -> dict:
+    return {"messages": messages, "max_tokens": n, "temperature": 0.0, "draft": "off", "stream": True,
             "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first, parts, tokens = None, [], 0
-    async with http.stream("POST", url, json=body) as r:
+
+
+class _Reading:
+    """One streamed reply as the client reads it: its first text's time, its text, its token count."""
+
+    def __init__(self) -> None:
+        self.t0, self.first, self.parts, self.tokens = time.perf_counter(), None, [], 0
+
+    def line(self, line: str) -> None:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            return
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            self.tokens = chunk["usage"]["completion_tokens"]
+        for choice in chunk.get("choices", []):
+            text = choice["delta"].get("content")
+            if text:
+                self.first = self.first or time.perf_counter()
+                self.parts.append(text)
+
+    def row(self) -> tuple[float, float, int, str]:
+        end = time.perf_counter()
+        return ((self.first - self.t0) * 1000, (self.tokens - 1) / (end - self.first), self.tokens,
+                "".join(self.parts))
+
+
+async def http_run(http: httpx.AsyncClient, url: str, messages, n: int) -> tuple[float, float, int, str]:
+    """(ttft_ms, tokens/s after the first, tokens, text) of one streamed chat completion, read
+    with httpx (as the openai SDK reads it)."""
+    reading = _Reading()
+    async with http.stream("POST", url, json=_body(messages, n)) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                text = choice["delta"].get("content")
-                if text:
-                    first = first or time.perf_counter()
-                    parts.append(text)
-    end = time.perf_counter()
-    return (first - t0) * 1000, (tokens - 1) / (end - first), tokens, "".join(parts)
+            reading.line(line)
+    return reading.row()
+
+
+async def aiohttp_run(session: aiohttp.ClientSession, url: str, messages, n: int) -> tuple[float, float, int, str]:
+    """The same read with aiohttp, a lighter client: what is left is the daemon's part."""
+    reading = _Reading()
+    async with session.post(url, json=_body(messages, n)) as r:
+        r.raise_for_status()
+        async for raw in r.content:
+            reading.line(raw.decode("utf-8").strip())
+    return reading.row()
 
 
 def _free_port() -> int:
@@ -97,13 +138,13 @@ def _report(args, spec, tokens, rows: dict[str, list]) -> None:
     print(f"{'':<28}{'tokens/s':>10}{'TTFT ms':>10}{'tok/s ratio':>13}{'TTFT +ms':>10}")
     x_tps, x_ttft = med("direct", 1), med("direct", 0)
     for name, label in (("direct", "llama-cpp-python direct"), ("rpc", "daemon, JSON-RPC socket"),
-                        ("http", "daemon, HTTP (OpenAI SSE)")):
+                        ("http", "daemon, HTTP (OpenAI SSE)"), ("aiohttp", "  the same, aiohttp client")):
         tps, ttft = med(name, 1), med(name, 0)
         print(f"{label:<28}{tps:>10.1f}{ttft:>10.1f}{tps / x_tps:>13.3f}{ttft - x_ttft:>+10.1f}")
     print(f"HTTP/direct throughput {med('http', 1) / x_tps:.3f} (goal >= 0.97); HTTP TTFT overhead "
           f"{med('http', 0) - x_ttft:+.1f} ms (goal < 20 ms); HTTP vs JSON-RPC TTFT "
           f"{med('http', 0) - med('rpc', 0):+.1f} ms")
-    print(f"identical text all three ways: {len(texts) == 1}")
+    print(f"identical text every way: {len(texts) == 1}")
 
 
 def main() -> int:
@@ -122,7 +163,7 @@ def main() -> int:
     port = _free_port()
     daemon = _start_daemon(home, args, port)
     llm = Llama(model_path=str(spec.path), n_ctx=args.context, n_threads=args.threads,
-                n_threads_batch=args.threads, flash_attn=True, verbose=False)
+                n_threads_batch=args.threads, n_batch=512, n_ubatch=512, flash_attn=True, verbose=False)
     messages = [{"role": "user", "content": PROMPT}]
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
 
@@ -132,15 +173,20 @@ def main() -> int:
         tokens = _daemon_tokens(spec.path, messages)
 
         async def drop_cache() -> None:
-            await client.call("models.load", {"model": args.model, "context": args.context + 1})
+            # Unloaded, then loaded: both answered once done. A reload (models.load with another
+            # context) would answer as soon as the new copy is in, while the old one is freed in
+            # the background, on the cores the next round's prefill needs (measured: the free
+            # overlapped the first 40-60 ms of the next request).
+            await client.call("models.unload", {"model": args.model})
             await client.call("models.load", {"model": args.model, "context": args.context})
 
-        rows: dict[str, list] = {"direct": [], "rpc": [], "http": []}
-        async with httpx.AsyncClient(timeout=600) as http:
-            direct_run(llm, tokens, 8)  # warm-up, all three
+        rows: dict[str, list] = {"direct": [], "rpc": [], "http": [], "aiohttp": []}
+        async with httpx.AsyncClient(timeout=600) as http, aiohttp.ClientSession() as session:
+            direct_run(llm, tokens, 8)  # warm-up, every way
             llm.reset()
             await daemon_run(client, messages, 8)
             await http_run(http, url, messages, 8)
+            await aiohttp_run(session, url, messages, 8)
             for _ in range(args.rounds):
                 rows["direct"].append(direct_run(llm, tokens, args.tokens))
                 llm.reset()
@@ -148,6 +194,8 @@ def main() -> int:
                 rows["rpc"].append(await daemon_run(client, messages, args.tokens))
                 await drop_cache()
                 rows["http"].append(await http_run(http, url, messages, args.tokens))
+                await drop_cache()
+                rows["aiohttp"].append(await aiohttp_run(session, url, messages, args.tokens))
         _report(args, spec, tokens, rows)
         await client.close()
         return 0

@@ -51,13 +51,29 @@ class RemoteStats(GenerationStats):
 
 
 class _Either:
-    """Set when either flag is: the request's cancel, or a stop string found here."""
+    """Set when any flag is: the request's cancel (``outside``), or one set here
+    (``inside``: a stop string found, too many pieces) while the backend hands over
+    a piece, after which it looks anyway. Where every outside flag says when it is
+    set (``listen``, the daemon's ``CancelFlag``), so does this one: the backend then
+    listens instead of polling while the server is silent."""
 
-    def __init__(self, *flags: Any):
-        self.flags = [f for f in flags if f is not None]
+    def __init__(self, outside: Any, *inside: Any):
+        self.outside = [outside] if outside is not None else []
+        self.flags = self.outside + list(inside)
+        if all(callable(getattr(f, "listen", None)) for f in self.outside):
+            self.listen = self._listen
 
     def is_set(self) -> bool:
         return any(f.is_set() for f in self.flags)
+
+    def _listen(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn`` once the outside flag is set; returns what stops listening."""
+        forgets = [f.listen(fn) for f in self.outside]
+
+        def forget_all() -> None:
+            for forget in forgets:
+                forget()
+        return forget_all
 
 
 def request_for(messages: list[dict[str, Any]], sampling: SamplingParams, *, max_tokens: int,

@@ -402,8 +402,12 @@ class TextStream:
     most every ``interval`` seconds. One notification per token would wake
     the event loop and the client for every token, CPU that on a small
     machine the model's own threads need; 20 ms (50 updates a second) still
-    looks continuous. ``flush()`` (on the loop) sends what is left: call it
-    before the final response so that every delta precedes it."""
+    looks continuous. While text comes faster than that, the loop sends it
+    on a timer of its own and the worker thread does not wake the loop at
+    all (one wakeup per notification, not two); after a pause the next
+    piece wakes it and goes out at once. ``flush()`` (on the loop) sends
+    what is left: call it before the final response so that every delta
+    precedes it."""
 
     def __init__(self, conn: "Connection", method: str, params: dict[str, Any], *, key: str = "text",
                  interval: float = 0.02):
@@ -411,7 +415,7 @@ class TextStream:
         self.loop = conn.server.loop
         self._lock = threading.Lock()
         self._parts: list[str] = []
-        self._scheduled = False  # a send is queued or armed
+        self._scheduled = False  # the loop will look at _parts without being woken: queued, armed or ticking
         self._timer: asyncio.TimerHandle | None = None
         self._last = float("-inf")  # loop time of the last notification
 
@@ -428,17 +432,28 @@ class TextStream:
         if self._timer is not None:
             return
         wait = self._last + self.interval - self.loop.time()
-        if wait <= 0:
-            self._send()
-        else:
-            self._timer = self.loop.call_later(wait, self._send)
+        if wait > 0:
+            self._timer = self.loop.call_later(wait, self._tick)
+        else:  # a pause before this text: it goes out now
+            self._emit(self._take(ticking=False))
 
-    def _send(self) -> None:
+    def _tick(self) -> None:
+        """The timer: send what came meanwhile. Text that had to wait means it comes
+        faster than ``interval``: look again then, the worker leaving the loop asleep."""
         self._timer = None
+        text = self._take(ticking=True)
+        if text:
+            self._timer = self.loop.call_later(self.interval, self._tick)
+            self._emit(text)
+
+    def _take(self, ticking: bool) -> str:
         with self._lock:
             text = "".join(self._parts)
             self._parts.clear()
-            self._scheduled = False
+            self._scheduled = ticking and bool(text)  # the timer goes on: pushes need not wake the loop
+        return text
+
+    def _emit(self, text: str) -> None:
         if text:
             self._last = self.loop.time()
             self.conn.notify(self.method, {**self.params, self.key: text})
@@ -447,7 +462,8 @@ class TextStream:
         """On the loop: send what is queued now."""
         if self._timer is not None:
             self._timer.cancel()
-        self._send()
+            self._timer = None
+        self._emit(self._take(ticking=False))
 
 
 class RPCServer:

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from assistant.daemon import params
+from assistant.daemon.http.deadline import within
 from assistant.daemon.http.errors import HttpError, bad_request
 from assistant.protocol import RPCError, content_problem
 
@@ -57,7 +58,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     408 (and the connection closed) when it takes longer than ``http.read_timeout`` to come."""
     limit = float(service(request).settings.read_timeout)
     try:
-        raw = await asyncio.wait_for(request.read(), limit)
+        raw = await within(request.read(), limit)
     except asyncio.TimeoutError:
         raise HttpError(408, f"the request body did not arrive within {limit:g} s (http.read_timeout)",
                         code="request_timeout", close=True) from None

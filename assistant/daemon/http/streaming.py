@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from assistant.daemon.http.deadline import within
 from assistant.daemon.http.errors import HttpError
 from assistant.daemon.http.runs import ChatRun
 
@@ -60,7 +61,7 @@ async def _send(resp: web.StreamResponse, data: bytes, stall_timeout: float) -> 
     if not data:
         return
     try:
-        await asyncio.wait_for(resp.write(data), stall_timeout)
+        await within(resp.write(data), stall_timeout)
     except (asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
         raise ClientGone(type(exc).__name__) from None
 
@@ -74,9 +75,9 @@ async def stream_reply(request: web.Request, run: ChatRun, framing: Framing,
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
     try:
-        await _send(resp, framing.start(), stall_timeout)
+        # The start and the first text in one write (one segment, one wakeup of the client).
+        await _send(resp, framing.start() + (framing.piece(first) if first is not None else b""), stall_timeout)
         if first is not None:
-            await _send(resp, framing.piece(first), stall_timeout)
             async for piece in run.pieces():
                 if run.too_slow:  # far behind: dropped, as the JSON-RPC server drops such a client
                     raise ClientGone("not reading")
