@@ -42,6 +42,10 @@ class ErrorCode(enum.IntEnum):
     REQUEST_NOT_FOUND = -32021
     SKILL_NOT_FOUND = -32040
     SKILL_FAILED = -32041
+    # Media (images, audio) in a chat's content parts; ``data`` names the part ("part": "prompt[1]").
+    MEDIA_INVALID = -32050  # not a medium we read, a file that cannot be read, truncated, bad base64, a codec we take not
+    MEDIA_TOO_LARGE = -32051  # over media.max_bytes, media.max_pixels or media.max_audio_seconds
+    MEDIA_UNSUPPORTED = -32052  # the model cannot take this kind and no fallback skill can turn it into text
     SHUTTING_DOWN = -32030
     CLIENT_TOO_SLOW = -32031
 

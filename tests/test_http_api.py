@@ -515,7 +515,7 @@ def test_bad_requests_get_their_status_and_the_daemon_goes_on(tcp):
          "parameter 'max_tokens'"),
         (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, "role"),
         (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(), 400,
-         "not supported yet"),
+         "an image_url part needs image_url.url"),
         (json.dumps({"model": 7, "messages": [{"role": "user", "content": "hi"}]}).encode(), 400, "'model'"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 3}).encode(), 400, "'n'"),
         (json.dumps({"messages": [{"role": "user", "content": "x" * MAX_BODY}]}).encode(), 413, "max_body_bytes"),

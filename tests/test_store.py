@@ -396,6 +396,8 @@ def test_version_2_database_keeps_its_automation_data_and_filewatch_adopts_it(db
     raw = sqlite3.connect(db_path)
     raw.execute("DROP TABLE plugin_state")
     raw.execute("DROP TABLE plugin_migrations")
+    raw.execute("DROP TABLE media_text")  # and what version 4 (media) added
+    raw.execute("ALTER TABLE messages DROP COLUMN parts")
     for statement in SHIPPED_V2_AUTOMATION_TABLES:
         raw.execute(statement)
     raw.execute("INSERT INTO automation_runs (rule_id, started, status, trace) VALUES ('r', 1.0, 'ok', '{}')")
@@ -405,7 +407,7 @@ def test_version_2_database_keeps_its_automation_data_and_filewatch_adopts_it(db
     raw.close()
 
     with Store(db_path) as s:
-        assert s.schema_version == SCHEMA_VERSION == 3
+        assert s.schema_version == SCHEMA_VERSION == 4
         assert s.plugin_data.migrate("filewatch", history.MIGRATIONS) == [1]  # IF NOT EXISTS: the data stays
         assert s.plugin_data.run("filewatch", lambda conn: history.runs(conn, "r"))[0]["status"] == "ok"
         assert s.plugin_data.run("filewatch", lambda conn: history.get_state(conn, "r", "enabled")) is False

@@ -193,6 +193,14 @@ class SessionsCreate:
 
 
 @dataclass
+class SessionsExport:
+    id: str = arg(str, check=nonempty, expected="a session id (a non-empty string)")
+    # where to write the Markdown, its media copied into a media/ folder beside it; absent: only returned
+    path: str | None = arg(str, None, check=lambda v: v.startswith(("/", "~")) and "\x00" not in v,
+                           expected="an absolute path (or one starting with ~) of the Markdown file to write")
+
+
+@dataclass
 class SessionsRewind:
     id: str = arg(str, check=nonempty, expected="a session id (a non-empty string)")
     message_id: int = arg(int)
@@ -222,7 +230,9 @@ class Chat:
     Sampling keys left out take the config's and the model's defaults (see
     ``chat_settings``), so their defaults here are None."""
 
-    prompt: str | None = arg(str, None)
+    # the user's message: a string, or a list of content parts (text, image, audio; see
+    # assistant.daemon.media.parts), checked by conversation.from_request
+    prompt: Any = arg((str, list), None, expected="a string or a list of content parts")
     messages: Any = arg(object, None)  # checked by conversation.check_messages
     session: str | None = arg(str, None, check=nonempty, expected="a session id (a non-empty string)")
     system: str | None = arg(str, None)
@@ -247,6 +257,9 @@ class Chat:
     priority: str | None = arg(str, None, check=lambda v: v in ("interactive", "background"),
                                expected="'interactive' or 'background'")
     keep_alive: Any = arg((int, float, str), None)  # seconds or "10m"; checked by chat_settings.keep_alive
+    # false: media the model cannot read itself are refused (MEDIA_UNSUPPORTED), not turned into
+    # OCR or transcript text (vision.describe asks so); absent: the config's media.fallback
+    media_fallback: bool | None = arg(bool, None)
     # structured output: {"type": "json_object"} | {"type": "json_schema", "json_schema": {...}}, OpenAI's
     # shape; parsed into a constraints.ResponseFormat (None for "text") with its grammar built
     response_format: Any = arg(dict, None, expected="an object: {\"type\": \"json_object\"} or "

@@ -15,6 +15,13 @@ text, counts tokens, masks end-of-generation tokens (``ignore_eos``, through
 the sampler every decoder draws with) and decides when the reply ends
 (end-of-generation token, stop string, ``max_tokens``, full context,
 cancel); then it closes the generator.
+
+A prompt may carry media (a ``backends.media.MediaPrompt`` from
+``Backend.tokenize_media``): its text goes through ``forward`` in chunks as
+any prompt's, each medium through ``Backend.forward_media`` at its position,
+and the cached prefix is reused up to the last whole medium it holds
+(``MediaPrompt.safe_prefix``), so a session's next turn about the same image
+does not encode it again. ``prompt_tokens`` counts the positions media take.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from backends.base import Backend, ContextOverflowError, IncrementalDecoder
+from backends.base import Backend, ContextOverflowError, IncrementalDecoder, MediaError
+from backends.media import MediaPrompt, MediaSpan
 
 from assistant.inference.sampling import Sampler, SamplingParams
 from assistant.inference.stats import GenerationStats
@@ -94,12 +102,26 @@ class StopMatcher:
         return out
 
 
-def prefill(backend: Backend, prompt: Sequence[int], cancel: threading.Event | None = None):
-    """Bring the cache to ``prompt`` and return the logits of its last position.
+def prefill(backend: Backend, prompt: Sequence[int] | MediaPrompt, cancel: threading.Event | None = None):
+    """Bring the cache to ``prompt`` (token ids, or a MediaPrompt) and return the
+    logits of its last position.
 
-    Reuses the cached prefix; at least one token is always evaluated, since
-    its logits are needed. Returns (logits row or None if cancelled, reused).
-    """
+    Reuses the cached prefix (never a part of a medium); at least one token is
+    always evaluated, since its logits are needed. Returns (logits row or None if
+    cancelled, reused)."""
+    logits, reused, _ = _prefill(backend, prompt, cancel)
+    return logits, reused
+
+
+def _prefill(backend: Backend, prompt: Sequence[int] | MediaPrompt,
+             cancel: threading.Event | None) -> tuple[np.ndarray | None, int, list[MediaSpan]]:
+    """:func:`prefill`, and the media it evaluated (those reused from the cache are not)."""
+    spans: list[MediaSpan] = []
+    if isinstance(prompt, MediaPrompt):
+        spans = sorted(prompt.spans, key=lambda sp: sp.start)
+        prompt = prompt.tokens
+        if spans and spans[-1].end >= len(prompt):
+            raise MediaError("a prompt cannot end in a medium: the reply is prompted by text after it")
     n_ctx = backend.info.context_length
     if len(prompt) >= n_ctx:
         raise ContextOverflowError(
@@ -109,16 +131,29 @@ def prefill(backend: Backend, prompt: Sequence[int], cancel: threading.Event | N
             available=n_ctx,
         )
     reused = min(common_prefix(backend.cached_tokens, prompt), len(prompt) - 1)
+    for span in spans:  # a cache keeps a whole medium or none of it
+        if span.start < reused < span.end:
+            reused = span.start
+            break
     backend.truncate(reused)
+    reused = min(reused, len(backend.cached_tokens))  # a cache that could not be cut there was cleared
     pos = reused
     logits = None
+    evaluated: list[MediaSpan] = []
+    pending = [sp for sp in spans if sp.start >= pos]
     while pos < len(prompt):
         if cancel is not None and cancel.is_set():
-            return None, reused
-        chunk = prompt[pos : pos + PREFILL_CHUNK]
-        logits = backend.forward(chunk)
-        pos += len(chunk)
-    return logits[-1], reused
+            return None, reused, evaluated
+        if pending and pending[0].start == pos:
+            span = pending.pop(0)
+            backend.forward_media(span)
+            evaluated.append(span)
+            pos = span.end
+            continue
+        end = min(pos + PREFILL_CHUNK, pending[0].start if pending else len(prompt))
+        logits = backend.forward(prompt[pos:end])
+        pos = end
+    return logits[-1], reused, evaluated
 
 
 def plain_tokens(backend: Backend, logits: np.ndarray, sampler: Sampler, history: list[int]) -> Iterator[int]:
@@ -194,7 +229,7 @@ def _consume(tokens: Iterator[int], backend: Backend, reply: _Reply, *, n_prompt
 
 def generate(
     backend: Backend,
-    prompt: Sequence[int],
+    prompt: Sequence[int] | MediaPrompt,
     params: SamplingParams,
     *,
     max_tokens: int,
@@ -206,7 +241,8 @@ def generate(
     speculative: "SpeculativeEngine | None" = None,
     label: str | None = None,
 ) -> GenerationResult:
-    """Generate a reply to ``prompt`` (token ids), streaming text to ``on_text``.
+    """Generate a reply to ``prompt`` (token ids, or a ``MediaPrompt`` with images
+    or audio the backend reads natively), streaming text to ``on_text``.
 
     ``started`` is the ``time.perf_counter()`` at which the request arrived,
     so ``ttft_ms`` includes any time spent waiting in the model's queue.
@@ -225,7 +261,10 @@ def generate(
     sampler = _sampler(backend, params, ignore_eos)
     reply = _Reply(backend, stop, on_text)
     finish, context_full, t_first = "cancelled", False, None
-    logits, reused = prefill(backend, prompt, cancel)
+    spans = list(prompt.spans) if isinstance(prompt, MediaPrompt) else []
+    logits, reused, encoded = _prefill(backend, prompt, cancel)
+    if isinstance(prompt, MediaPrompt):
+        prompt = prompt.tokens
     t_prefill = time.perf_counter()
     if logits is not None:
         history = list(prompt)  # the decoder appends the tokens taken
@@ -257,6 +296,7 @@ def generate(
         context_full=context_full,
         finish_reason=finish,
         **_speculative_stats(speculative),
+        **_media_stats(spans, encoded),
     ))
 
 
@@ -279,6 +319,16 @@ def _complete(sampler: Sampler, finish: str, reply: _Reply) -> bool | None:
     if sampler.constraint is None:
         return None
     return finish == "stop" and not reply.stopped and sampler.constraint.complete
+
+
+def _media_stats(spans: list[MediaSpan], encoded: list[MediaSpan]) -> dict:
+    """The media part of the stats: the positions the prompt's media take, and the time
+    spent encoding those this request evaluated (None, absent from the wire, where every
+    one came from the KV cache: nothing was encoded)."""
+    if not spans:
+        return {}
+    return {"media_tokens": sum(sp.length for sp in spans),
+            "media_encode_ms": round(sum(sp.encode_ms or 0.0 for sp in encoded), 2) if encoded else None}
 
 
 def _speculative_stats(engine: "SpeculativeEngine | None") -> dict:

@@ -65,6 +65,13 @@ class GenerationStats:
     accepted: int = 0
     speculative: VerifyStats | None = None  # None where the engine did not decode (off, cancelled in prefill)
     tool_calls: int | None = None  # set by the daemon when the model called skills
+    # Media in the prompt (None: none): how the daemon gave them to the model ("native",
+    # "ocr", "transcript", several joined by "+"; set by the daemon), the positions the
+    # native ones take (mtmd's n_pos), and the time spent encoding those this request
+    # evaluated (None when every one was reused from the KV cache: nothing encoded).
+    media: str | None = None
+    media_tokens: int | None = None
+    media_encode_ms: float | None = None
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -72,8 +79,8 @@ class GenerationStats:
         return round(self.accepted / self.drafted, 4) if self.drafted else None
 
     def as_dict(self) -> dict[str, Any]:
-        """The wire format: today's keys in today's order; ``speculative`` and
-        ``tool_calls`` only where they have a value."""
+        """The wire format: today's keys in today's order; ``speculative``,
+        ``tool_calls`` and the media keys only where they have a value."""
         out: dict[str, Any] = {
             "backend": self.backend,
             "model": self.model,
@@ -100,4 +107,8 @@ class GenerationStats:
             out["speculative"] = self.speculative.as_dict()
         if self.tool_calls is not None:
             out["tool_calls"] = self.tool_calls
+        for key in ("media", "media_tokens", "media_encode_ms"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
         return out

@@ -91,6 +91,9 @@ _FROM_RPC = {
     ErrorCode.SHUTTING_DOWN: (503, "shutting_down"),
     ErrorCode.MODEL_LOAD_FAILED: (500, "model_load_failed"),
     ErrorCode.BACKEND_UNAVAILABLE: (500, "backend_unavailable"),
+    ErrorCode.MEDIA_INVALID: (400, "media_invalid"),  # the client's bytes: not a medium we read
+    ErrorCode.MEDIA_TOO_LARGE: (413, "media_too_large"),
+    ErrorCode.MEDIA_UNSUPPORTED: (400, "media_unsupported"),  # this model cannot take it, no fallback
 }
 
 

@@ -10,6 +10,12 @@ ignored. ``format`` (``"json"`` or a JSON schema) becomes ``response_format``.
 empty prompt loads the model (``done_reason: "load"``), and with
 ``keep_alive: 0`` unloads it (``"unload"``), as Ollama does. Durations are
 nanoseconds. The final object also carries ``x_assistant`` (our stats).
+
+Images: a message's (or ``/api/generate``'s) ``images``, a list of base64
+strings as Ollama takes them (a ``data:`` URL too), go before the message's
+text as image parts; a path or URL instead of data is a 400 (the daemon
+discloses no files and fetches nothing). Their bytes are checked on the chat
+path like any medium (``MEDIA_INVALID``, ``MEDIA_TOO_LARGE``).
 """
 
 from __future__ import annotations
@@ -25,9 +31,8 @@ from assistant import __version__
 from assistant.config.models import resolve_model
 from assistant.daemon.http import models, toolcalls
 from assistant.daemon.http.errors import HttpError, bad_request, from_rpc
-from assistant.daemon.http.incoming import (chat_params, client_of, conversation_fields, flag, read_json, service,
-                                            session_of, text_content)
-from assistant.daemon.http.openai_api import extra
+from assistant.daemon.http.incoming import chat_params, client_of, flag, read_json, service, session_of
+from assistant.daemon.http.openai_api import content_of, extra, fields_of, text_only
 from assistant.daemon.http.runs import ChatRun, embed
 from assistant.daemon.http.streaming import ndjson, stream_reply
 from assistant.protocol import ErrorCode, RPCError
@@ -76,8 +81,36 @@ def sampling(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def plain_messages(raw: Any) -> list[dict[str, str]]:
-    """Ollama messages as the daemon's {role, content} (tool calls and results in the model's format)."""
+_NOT_DATA = ("~", ".", "file:", "http:", "https:")
+
+
+def images_of(value: Any, where: str) -> list[dict[str, Any]]:
+    """Ollama's ``images`` (base64 strings) as image parts; a path or URL is a 400."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise bad_request(f"'{where}' must be a list of base64-encoded images")
+    for v in value:
+        head = v[:300]
+        # A path or URL: base64 has no ".", ":" or "~", and an image's starts with a letter or "/9j/".
+        if head.startswith(_NOT_DATA) or (head.startswith("/") and "." in head and not v.startswith("/9j/")):
+            raise bad_request(f"'{where}': images must be base64 data; file paths and URLs are not taken over "
+                              "HTTP (the daemon discloses no files and fetches nothing)")
+    return [{"type": "image", "data": v} for v in value]
+
+
+def with_images(content: Any, images: list[dict[str, Any]]) -> Any:
+    """``content`` (a string or parts) with ``images`` before its text, as parts."""
+    if not images:
+        return content
+    text = [{"type": "text", "text": content}] if isinstance(content, str) and content else \
+        (content if isinstance(content, list) else [])
+    return images + text
+
+
+def plain_messages(raw: Any) -> list[dict[str, Any]]:
+    """Ollama messages as the daemon's {role, content} (tool calls and results in the model's
+    format); a user message's ``images`` as image parts before its text."""
     if not isinstance(raw, list) or not raw:
         raise bad_request("'messages' must be a non-empty list")
     out = []
@@ -85,9 +118,14 @@ def plain_messages(raw: Any) -> list[dict[str, str]]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad_request(f"'{where}' must be an object")
-        if m.get("images"):
-            raise bad_request(f"'{where}.images': images are not supported yet (text only)")
-        role, content = m.get("role"), text_content(m.get("content"), f"{where}.content")
+        role, content = m.get("role"), content_of(m.get("content"), f"{where}.content")
+        images = images_of(m.get("images"), f"{where}.images")
+        if role == "user":
+            content = with_images(content, images)
+        elif images:
+            raise bad_request(f"'{where}.images': only a user's message may hold images")
+        else:
+            content = text_only(content, where)
         if role == "assistant" and m.get("tool_calls"):
             calls = m["tool_calls"] if isinstance(m["tool_calls"], list) else []
             for call in calls:
@@ -188,7 +226,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model = _model(svc, body)
     offered = toolcalls.offered(body.get("tools"))
-    fields = conversation_fields(plain_messages(body.get("messages")), session_of(request, body))
+    fields = fields_of(plain_messages(body.get("messages")), session_of(request, body))
     p = chat_params({**fields, **sampling(body), "model": model})
     stream = flag(body, "stream", True)
     name = body.get("model") or svc.config.model
@@ -210,16 +248,19 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model = _model(svc, body)
     name = body.get("model") or svc.config.model
-    for unsupported in ("suffix", "template", "context", "images"):
+    for unsupported in ("suffix", "template", "context"):
         if body.get(unsupported):
             raise bad_request(f"'{unsupported}' is not supported")
     prompt = body.get("prompt")
-    if prompt in (None, ""):
+    images = images_of(body.get("images"), "images")
+    if prompt in (None, "") and not images:
         return await _load_or_unload(svc, model, name, body.get("keep_alive"))
-    if not isinstance(prompt, str):
+    if not isinstance(prompt, (str, type(None))):
         raise bad_request("'prompt' must be a string")
     raw = flag(body, "raw")
-    fields: dict[str, Any] = {"prompt": prompt, **sampling(body), "model": model}
+    if raw and images:
+        raise bad_request("'images' cannot go with 'raw' (a raw prompt has no place for them)")
+    fields: dict[str, Any] = {"prompt": with_images(prompt or "", images), **sampling(body), "model": model}
     if not raw:
         fields["system"] = body.get("system")
         session = session_of(request, body)

@@ -8,8 +8,9 @@ tokens/s, ttft; its session and message ids; under a ``response_format``
 names, so tools written for it read ours too). In a stream both are on the
 chunk that carries ``finish_reason``.
 
-Taken: ``messages`` (text content, ``tool`` results, assistant
-``tool_calls``), ``tools``/``tool_choice``, ``stream``,
+Taken: ``messages`` (text content; in a user message, images as ``image_url``
+parts with a ``data:`` URL and audio as ``input_audio`` parts, see
+:func:`content_of`; ``tool`` results, assistant ``tool_calls``), ``tools``/``tool_choice``, ``stream``,
 ``stream_options.include_usage``, ``stop``, ``seed``, ``max_tokens`` /
 ``max_completion_tokens``, ``temperature``, ``top_p``, ``response_format``;
 and llama-server's extensions ``top_k``, ``min_p``, ``repeat_penalty``,
@@ -19,7 +20,8 @@ call (``tool_choice``).
 Ignored: ``presence_penalty``, ``frequency_penalty``, ``user``, ``store``,
 ``metadata``, ``parallel_tool_calls``, ``service_tier``. Refused (400): more
 than one choice (``n``, ``best_of``), ``logprobs``, ``logit_bias``, ``echo``,
-``suffix``, and image or audio content (until the daemon takes media).
+``suffix``, and media named by a path, a ``file:`` or an ``http(s):`` URL
+(the daemon discloses no files and fetches nothing: media come inline).
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ from aiohttp import web
 from assistant.daemon.http import models, toolcalls
 from assistant.daemon.http.errors import HttpError, bad_request
 from assistant.daemon.http.incoming import (chat_params, client_of, conversation_fields, flag, read_json, service,
-                                            session_of, text_content)
+                                            session_of)
 from assistant.daemon.http.runs import ChatRun, embed
 from assistant.daemon.http.streaming import sse, stream_reply
+from assistant.daemon.media.parts import Source, has_media, parse_content
+from assistant.protocol import RPCError
 
 _PASSED = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "ignore_eos", "draft", "max_draft",
            "keep_alive")
@@ -81,9 +85,65 @@ def sampling(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def plain_messages(raw: Any) -> list[dict[str, str]]:
+def content_of(value: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content as the daemon's: a string (null, a string, or text parts joined
+    by newlines), or, where it holds media, the ``chat`` content parts (text, and
+    ``{"type": "image"|"audio", "data": <base64>}``). Media come inline only: OpenAI's
+    ``image_url`` with a ``data:`` URL, ``input_audio``, or our ``image``/``audio`` parts
+    with ``data``; a path, ``file:`` or ``http(s):`` URL is a 400 (see the module docstring).
+    The bytes are checked on the chat path (MEDIA_INVALID, MEDIA_TOO_LARGE)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    try:
+        parsed = parse_content(value, where, local=False, allow_empty=True)
+    except RPCError as exc:  # INVALID_PARAMS naming the part
+        raise bad_request(exc.message, param="messages") from None
+    if not has_media(parsed):
+        return "\n".join(p["text"] for p in parsed)
+    out: list[dict[str, Any]] = []
+    for p in parsed:
+        if isinstance(p, Source):
+            out.append({"type": p.kind, "data": p.data, **({"name": p.name} if p.name else {})})
+        else:
+            out.append(p)
+    return out
+
+
+def text_only(content: str | list[dict[str, Any]], where: str) -> str:
+    """``content`` of a message that may not hold media (system, assistant, tool)."""
+    if isinstance(content, list):
+        raise bad_request(f"'{where}': only a user's message may hold images or audio", param="messages")
+    return content
+
+
+def fields_of(messages: list[dict[str, Any]], session: str | None) -> dict[str, Any]:
+    """The chat parameters for a conversation (``incoming.conversation_fields``), where the
+    new turn may hold media: with a session, its messages' parts in order become the
+    ``prompt``'s content parts."""
+    if session is None or not any(isinstance(m["content"], list) for m in messages):
+        return conversation_fields(messages, session)
+    last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if any(isinstance(m["content"], list) for m in messages[:last_reply + 1]):
+        raise bad_request("with a session, media can be sent only in the new turn (what is before the last "
+                          "assistant message is already stored)", param="messages")
+    parts: list[dict[str, Any]] = []
+    for m in messages[last_reply + 1:]:
+        if m["role"] == "system" or not m["content"]:
+            continue
+        parts.extend(m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}])
+    fields: dict[str, Any] = {"session": session, "prompt": parts}
+    systems = [m["content"] for m in messages if m["role"] == "system"]
+    if systems:  # as conversation_fields: the last system message sets the session's system prompt
+        fields["system"] = systems[-1]
+    return fields
+
+
+def plain_messages(raw: Any) -> list[dict[str, Any]]:
     """OpenAI messages as the daemon's {role, content}: tool results and calls in the model's
-    own tool format (``toolcalls``), ``developer`` as ``system``."""
+    own tool format (``toolcalls``), ``developer`` as ``system``; a user's content may be
+    content parts with media (:func:`content_of`)."""
     if not isinstance(raw, list) or not raw:
         raise bad_request("'messages' must be a non-empty list", param="messages")
     names: dict[str, str] = {}  # tool_call_id -> function name
@@ -92,9 +152,11 @@ def plain_messages(raw: Any) -> list[dict[str, str]]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad_request(f"'{where}' must be an object", param="messages")
-        role, content = m.get("role"), text_content(m.get("content"), f"{where}.content")
+        role, content = m.get("role"), content_of(m.get("content"), f"{where}.content")
         if role == "developer":
             role = "system"
+        if role != "user":
+            content = text_only(content, where)
         if role == "assistant" and m.get("tool_calls"):
             content += "".join(_call_text(call, names, where) for call in _list(m["tool_calls"], where))
         elif role in ("tool", "function"):
@@ -252,7 +314,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     _refuse_unsupported(body)
     model = models.resolve(svc.config, body.get("model"))
     offered = toolcalls.offered(body.get("tools"), body.get("tool_choice"))
-    fields = conversation_fields(plain_messages(body.get("messages")), session_of(request, body))
+    fields = fields_of(plain_messages(body.get("messages")), session_of(request, body))
     p = chat_params({**fields, **sampling(body), "model": model})
     forced = await toolcalls.enforced(offered, body.get("tool_choice"))
     if forced is not None:  # "required" or a named function: the reply is constrained to one call

@@ -34,6 +34,7 @@ from typing import Any, AsyncIterator, Callable
 
 from backends.base import ContextOverflowError, EmbeddingsUnsupported
 
+from assistant.daemon.http.deadline import within
 from assistant.daemon.http.errors import HttpError, busy, from_rpc
 from assistant.daemon.methods import chat
 from assistant.daemon.params import Chat
@@ -84,11 +85,10 @@ class Runs:
     async def loaded(self, model: str | None) -> None:
         """Wait for ``model`` (None: the default) to be loaded, at most ``load_wait_s``: then 503
         while its load goes on; its load's error (404 unknown, 500 failed) as such."""
-        task = asyncio.ensure_future(self.daemon.models.get(model))
-        # Retrieved here whatever happens: a load outlives a request that stopped waiting for it.
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
-            await asyncio.wait_for(asyncio.shield(task), self.load_wait_s)
+            # At the deadline the wait is cancelled, not the load: the registry runs (and
+            # shields) that as a task of its own, which outlives a request that stopped waiting.
+            await within(self.daemon.models.get(model), self.load_wait_s)
         except asyncio.TimeoutError:
             raise HttpError(503, f"the model {model or self.daemon.config.model!r} is still loading; try again "
                                  "shortly", code="model_loading", headers={"Retry-After": "5"}) from None
@@ -144,9 +144,10 @@ class ChatRun:
         self.queue: asyncio.Queue[str | None] = asyncio.Queue()
         self.unsent = 0  # characters queued for the client, not written yet
         self.too_slow = False  # over MAX_UNSENT: cancelled, and the client is to be dropped
+        self._ended = False  # the end (None) was taken from the queue
         loop = asyncio.get_running_loop()
         deltas = TextStream(_Outlet(loop, self._queue_text), "delta", {}) if stream else _NoText()
-        self.caller = chat.Caller(self.cancel, client, deltas)
+        self.caller = chat.Caller(self.cancel, client, deltas, local=False)  # HTTP: media inline only, never a path
         self.task: asyncio.Task | None = None
 
     async def __aenter__(self) -> "ChatRun":
@@ -172,10 +173,23 @@ class ChatRun:
             self.cancel.set()
 
     async def _next(self) -> str | None:
+        """The text queued, joined: one write (one event) for pieces that came while the
+        loop was busy elsewhere; None once the chat ended and all was taken."""
+        if self._ended:
+            return None
+        parts = []
         piece = await self.queue.get()
-        if piece is not None:
-            self.unsent -= len(piece)
-        return piece
+        while piece is not None:
+            parts.append(piece)
+            if self.queue.empty():
+                break
+            piece = self.queue.get_nowait()
+        self._ended = piece is None
+        if not parts:
+            return None
+        text = "".join(parts)
+        self.unsent -= len(text)
+        return text
 
     async def pieces(self) -> AsyncIterator[str]:
         """The reply's text as it comes, until the chat ends."""

@@ -32,6 +32,8 @@ async def initialize(d, req, p: params.Initialize) -> dict[str, Any]:
         "features": ["batch"],  # JSON-RPC 2.0 batch requests (docs/protocol.md)
         "plugins": [r.name for r in d.plugins.records.values() if r.status == "loaded"],
         "default_model": d.config.model,
+        # a client checks sizes before sending (the daemon checks again); its other limits are read there
+        "media": {"max_bytes": d.config.media.max_bytes},
     }
 
 

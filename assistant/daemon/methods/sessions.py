@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+from pathlib import Path
 from typing import Any
 
 from assistant.daemon import params
+from assistant.daemon.media.store import MediaStore, MediaStoreError
+from assistant.daemon.store import export
 from assistant.daemon.methods import MethodTable
 from assistant.daemon.store import SessionExists, SessionNotFound, StoreError
 from assistant.protocol import ErrorCode, RPCError
@@ -85,7 +90,38 @@ async def sessions_rewind(d, req, p: params.SessionsRewind) -> dict[str, Any]:
     return {"deleted": deleted}
 
 
-@rpc.method("sessions.export", params.SessionId)
-async def sessions_export(d, req, p: params.SessionId) -> dict[str, Any]:
+def media_store(d) -> MediaStore:
+    """The daemon's content-addressed media store (``<data_dir>/media``)."""
+    return MediaStore(Path(d.data_dir) / "media")
+
+
+@rpc.method("sessions.export", params.SessionsExport)
+async def sessions_export(d, req, p: params.SessionsExport) -> dict[str, Any]:
+    """The session as Markdown, and its media (``media``: each once, with ``file``, its
+    path relative to the Markdown, and ``path``, where the daemon keeps it). With
+    ``path``, the daemon writes the Markdown there and copies the media into a
+    ``media/`` folder beside it (the client is the daemon's own user: the socket's
+    peer is checked), so the export reads on its own."""
     await existing(d, p.id)
-    return {"markdown": await store_call(d, d.store.export_markdown, p.id)}
+    session, messages = await store_call(d, d.store.export_snapshot, p.id)
+    store = media_store(d)
+    files = export.media_files(messages)
+    for f in files:
+        try:
+            f["path"] = str(store.find(f["sha256"], f["mime"] or ""))
+        except MediaStoreError:
+            f["path"] = None  # deleted from the store by hand: the link stays, the file is gone
+    out: dict[str, Any] = {"markdown": export.markdown(session, messages), "media": files}
+    if p.path is not None:
+        target = Path(os.path.expanduser(p.path))
+        if target.is_dir():
+            raise RPCError(ErrorCode.INVALID_PARAMS, f"parameter 'path': {target} is a directory; name the "
+                           "Markdown file to write")
+        copies = [(Path(f["path"]), f["file"]) for f in files if f["path"] is not None]
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, export.write, target, out["markdown"], copies)
+        except OSError as exc:
+            raise RPCError(ErrorCode.INVALID_PARAMS, f"cannot write the export to {target}: "
+                           f"{exc.strerror or exc}") from None
+        out["path"] = str(target)
+    return out

@@ -74,6 +74,22 @@ MIGRATIONS: list[list[str]] = [
         )
         """,
     ],
+    # 3 -> 4: media in messages (issue 12). A message's content parts (JSON: text parts and
+    # media named by sha256, kept in the media store, assistant/daemon/media/store.py) beside
+    # its text; NULL for a text-only message. And the fallbacks' text of a medium (OCR,
+    # transcript), by sha256 and method, so history is not read again every turn.
+    [
+        "ALTER TABLE messages ADD COLUMN parts TEXT",  # JSON list of content parts, or NULL
+        """
+        CREATE TABLE media_text (
+            sha256  TEXT NOT NULL,
+            method  TEXT NOT NULL,  -- 'ocr' | 'transcript'
+            text    TEXT NOT NULL,
+            created REAL NOT NULL,
+            PRIMARY KEY (sha256, method)
+        )
+        """,
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -81,4 +97,4 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # PluginContext.db) may read them but not change them: a guard against a
 # plugin bug damaging the chat history, not a security boundary (a plugin
 # runs in the daemon's process).
-CORE_TABLES = frozenset({"sessions", "messages", "plugin_state", "plugin_migrations"})
+CORE_TABLES = frozenset({"sessions", "messages", "plugin_state", "plugin_migrations", "media_text"})

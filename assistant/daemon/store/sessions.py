@@ -28,7 +28,7 @@ _SESSION_COLUMNS = (
     "s.id, s.title, s.created, s.updated, s.model, s.system_prompt, s.settings, "
     "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id)"
 )
-_MESSAGE_COLUMNS = "id, session_id, role, content, created, stats, status"
+_MESSAGE_COLUMNS = "id, session_id, role, content, created, stats, status, parts"
 
 
 def _dump_json(value: Any, what: str) -> str:
@@ -53,8 +53,8 @@ def _session_dict(row: sqlite3.Row | tuple) -> dict:
 
 
 def _message_dict(row: sqlite3.Row | tuple) -> dict:
-    mid, session_id, role, content, created, stats, status = row
-    return {
+    mid, session_id, role, content, created, stats, status, parts = row
+    out = {
         "id": mid,
         "session_id": session_id,
         "role": role,
@@ -63,6 +63,9 @@ def _message_dict(row: sqlite3.Row | tuple) -> dict:
         "stats": json.loads(stats) if stats is not None else None,
         "status": status,
     }
+    if parts is not None:  # a message with media: its content parts (``content`` is their text)
+        out["parts"] = json.loads(parts)
+    return out
 
 
 def _fetch_session(conn: sqlite3.Connection, session_id: str) -> dict | None:
@@ -232,13 +235,18 @@ class Store(Database):
         content: str,
         stats: dict | None = None,
         status: str = "complete",
+        parts: list | None = None,
     ) -> dict:
         """Append a message, bump the session's ``updated``, and return it.
+
+        ``parts``: a message with media keeps its content parts (a list of
+        JSON objects: text parts and media named by sha256, see
+        ``assistant.daemon.media``) beside ``content``, its text.
 
         Committed (fsynced) before returning, so it may be acknowledged to a
         client. Raises SessionNotFound for a missing session (one deleted
         meanwhile among them), StoreError for an unknown role or status, or
-        stats that are not JSON-serialisable.
+        stats or parts that are not JSON-serialisable.
         """
         if role not in ROLES:
             raise StoreError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
@@ -247,14 +255,17 @@ class Store(Database):
         if not isinstance(content, str):
             raise StoreError(f"message content must be a string, not {type(content).__name__}")
         stats_json = _dump_json(stats, "stats") if stats is not None else None
+        if parts is not None and (not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts)):
+            raise StoreError("message parts must be a list of objects")
+        parts_json = _dump_json(parts, "parts") if parts is not None else None
         with self._write() as conn:
             if not conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone():
                 raise SessionNotFound(f"no session {session_id!r}")
             now = self._now()
             cur = conn.execute(
-                "INSERT INTO messages (session_id, role, content, created, stats, status) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (session_id, role, content, now, stats_json, status),
+                "INSERT INTO messages (session_id, role, content, created, stats, status, parts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (session_id, role, content, now, stats_json, status, parts_json),
             )
             conn.execute("UPDATE sessions SET updated = ? WHERE id = ?", (now, session_id))
             row = conn.execute(
@@ -280,17 +291,40 @@ class Store(Database):
             conn.execute("UPDATE sessions SET updated = ? WHERE id = ?", (self._now(), session_id))
             return cur.rowcount
 
-    def export_markdown(self, session_id: str) -> str:
+    def export_markdown(self, session_id: str, media_dir: str | None = None) -> str:
         """The conversation as Markdown: a title heading, then one section per message.
 
         Each section starts ``**User**``, ``**Assistant**``, ``**System**`` or
         ``**Tool**``; a cancelled or failed message says so after the name.
-        Raises SessionNotFound if the session does not exist.
+        A medium is a link to ``<media_dir>/<sha256>.<ext>`` (``media/`` by default),
+        where ``export.copy_media`` puts the files. Raises SessionNotFound if the
+        session does not exist.
         """
         # Session and messages in one read, so the export is one consistent snapshot.
+        session, messages = self.export_snapshot(session_id)
+        return export.markdown(session, messages, media_dir=media_dir or export.MEDIA_DIR)
+
+    def export_snapshot(self, session_id: str) -> tuple[dict, list[dict]]:
+        """The session and its messages, read in one transaction (what an export shows)."""
         with self._read() as conn:
             session = _fetch_session(conn, session_id)
             if session is None:
                 raise SessionNotFound(f"no session {session_id!r}")
-            messages = _fetch_messages(conn, session_id)
-        return export.markdown(session, messages)
+            return session, _fetch_messages(conn, session_id)
+
+    # ------------------------------------------------------------ media text
+
+    def media_text(self, sha256: str, method: str) -> str | None:
+        """The fallback's text of a medium (``method``: "ocr", "transcript"), if kept."""
+        with self._read() as conn:
+            row = conn.execute("SELECT text FROM media_text WHERE sha256 = ? AND method = ?",
+                               (sha256, method)).fetchone()
+        return row[0] if row else None
+
+    def put_media_text(self, sha256: str, method: str, text: str) -> None:
+        """Keep the fallback's text of a medium (replacing an older one)."""
+        if not isinstance(text, str):
+            raise StoreError(f"media text must be a string, not {type(text).__name__}")
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO media_text (sha256, method, text, created) VALUES (?, ?, ?, ?)",
+                         (sha256, method, text, self._now()))
