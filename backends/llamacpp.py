@@ -28,6 +28,10 @@ and the hot path (``forward``, ``truncate``):
   ``llamacpp_mtp_assistant``: a separate MTP drafter model (Gemma 4's
   ``gemma4-assistant``, ``LoadOptions.mtp_model``) over the target's KV cache;
 - ``llamacpp_embed``: the embedding context (``embed``), made on first use;
+- ``llamacpp_media``: images and audio through libmtmd and the model's
+  projector (``media_support``, ``tokenize_media``, ``forward_media``): a
+  medium takes as many cache positions as mtmd counts for it, and holds its
+  placeholder id (``backends.media``) in ``cached_tokens``;
 - ``chat_template`` and ``forward_args``: shared with the other backends.
 
 Chat templates. What the two test models' GGUF files carry (checked with
@@ -54,6 +58,7 @@ config overrides both (``"config"``). The choice is
 from __future__ import annotations
 
 import ctypes
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -65,17 +70,20 @@ from .base import (
     BackendUnavailable,
     ContextOverflowError,
     LoadOptions,
+    MediaError,
     ModelInfo,
     ModelLoadError,
 )
 from .forward_args import logit_rows, overflow_error
 from .llamacpp_embed import Embedder
 from .llamacpp_load import LoadedModel, gguf_path, open_model
+from .llamacpp_media import MediaContext, NoRoom, Tokenized
 from .llamacpp_mtp import MtpContext
 from .llamacpp_mtp_assistant import AssistantContext
 from .llamacpp_native import LOG_TAIL, library_availability, llama_said, logits_ith
 from .llamacpp_native import llama as _llama  # assistant/cli/bench_spec.py imports it from here
 from .llamacpp_vocab import LlamaVocab
+from .media import MediaInput, MediaPrompt, MediaSpan
 
 __all__ = ["LlamaCppBackend"]
 
@@ -99,6 +107,8 @@ class LlamaCppBackend(Backend):
         self._mtp: MtpContext | AssistantContext | None = None
         self._mtp_why = "no model is loaded"
         self._embedder: Embedder | None = None  # the embedding context, made by the first embed()
+        self._media: MediaContext | None = None  # the projector's libmtmd context (images, audio)
+        self._spans: list[tuple[int, int]] = []  # [start, end) of each medium in the cache, in order
 
     # -- availability --------------------------------------------------------
 
@@ -164,6 +174,8 @@ class LlamaCppBackend(Backend):
         self._memmove = ctypes.memmove
         self._info = loaded.info
         self._tokens = []
+        self._media = loaded.media
+        self._spans = []
 
     def unload(self) -> None:
         """Free the model, its contexts and its cache (nothing happens when none is loaded)."""
@@ -172,6 +184,8 @@ class LlamaCppBackend(Backend):
             return
         self._mtp = None
         self._mtp_why = "no model is loaded"
+        self._media = None
+        self._spans = []
         if self._embedder is not None:
             self._embedder.free()
             self._embedder = None
@@ -221,6 +235,10 @@ class LlamaCppBackend(Backend):
         n = min(int(n), self._n_ctx - N - 1)
         if n <= 0:
             return []
+        if self._spans and mtp.kind == "nextn":
+            # NextN layers take a token id per position: a medium's positions get a stand-in
+            # (their hidden rows are the target's), so drafts may be worse there, never wrong.
+            cache = [t if t >= 0 else 0 for t in cache]
         return mtp.draft(cache, int(tokens[N]), n)
 
     # -- embeddings --------------------------------------------------------------
@@ -290,6 +308,8 @@ class LlamaCppBackend(Backend):
         # The hot path: one token, logits for it (generation and drafting).
         if n == 1 and (logits_at is None or (len(logits_at) == 1 and logits_at[0] in (0, -1))):
             tok = int(tokens[0])
+            if tok < 0:
+                raise _placeholder_error(tok)
             self._b_token_p[0] = tok
             self._b_pos_p[0] = n0
             self._b_logits_p[0] = 1
@@ -320,7 +340,12 @@ class LlamaCppBackend(Backend):
         batch = self._batch
         b_token, b_pos, b_logits = self._b_token, self._b_pos, self._b_logits
         n_batch = self._n_batch
-        toks = np.asarray(tokens, dtype=np.int32)
+        try:
+            toks = np.asarray(tokens, dtype=np.int32)
+        except OverflowError:  # a media placeholder (-2**62..-1) does not fit an int32
+            raise _placeholder_error(min(int(t) for t in tokens)) from None
+        if toks.min() < 0:
+            raise _placeholder_error(int(toks.min()))
         start = 0
         while start < n:
             m = min(n_batch, n - start)
@@ -353,6 +378,7 @@ class LlamaCppBackend(Backend):
             self._tokens = []
         else:
             del self._tokens[n0:]
+        self._keep_spans(len(self._tokens))
         if self._mtp is not None:
             self._mtp.cut(len(self._tokens))
         if rc == 1:
@@ -368,12 +394,18 @@ class LlamaCppBackend(Backend):
         If the cache cannot be cut there (a model whose sliding-window cache
         no longer holds the positions the next token would attend to, when
         loaded with ``swa_full=False``), it is cleared instead: callers read
-        ``cached_tokens`` afterwards to see what is left."""
+        ``cached_tokens`` afterwards to see what is left. A cut inside a medium
+        (``forward_media``) is made at its start: a cache holds a whole medium or
+        none of it (the generation loop never asks for one: ``MediaPrompt.safe_prefix``)."""
         self._require()
         if n < 0:
             raise ValueError("truncate(n) needs n >= 0")
         if n >= len(self._tokens):
             return
+        for start, end in self._spans:
+            if start < n < end:
+                n = start
+                break
         ok = self._seq_rm(self._mem, 0, n, -1)
         if ok and n > 0 and self._n_swa > 0 and not self._swa_full:
             pos_min = self._seq_pos_min(self._mem, 0)
@@ -384,5 +416,108 @@ class LlamaCppBackend(Backend):
             n = 0
         else:
             del self._tokens[n:]
+        self._keep_spans(n)
         if self._mtp is not None:
             self._mtp.cut(n)
+
+    def _keep_spans(self, n: int) -> None:
+        """The cache was cut to ``n`` tokens: forget the media past it."""
+        if self._spans and self._spans[-1][1] > n:
+            self._spans = [(s, e) for s, e in self._spans if e <= n]
+
+    # -- media (images, audio) through the projector (llamacpp_media) ---------------
+
+    def media_support(self) -> frozenset[str]:
+        """The kinds the loaded projector reads ("image", "audio"); none without one."""
+        media = self._media
+        return media.kinds if media is not None else frozenset()
+
+    def media_marker(self) -> str:
+        """libmtmd's media marker (``<__media__>`` unless a build says otherwise)."""
+        media = self._media
+        return media.marker if media is not None else super().media_marker()
+
+    def tokenize_media(self, text: str, media: Sequence[MediaInput]) -> MediaPrompt:
+        """``text`` (one :meth:`media_marker` per medium) and ``media`` as a MediaPrompt:
+        the text between markers tokenized as :meth:`tokenize` does (BOS at the start
+        only), each medium wrapped in the text tokens mtmd puts around it and taking
+        mtmd's ``n_pos`` positions of its placeholder id. Images and audio are decoded
+        and preprocessed here (kept by sha256 for the next turn); encoding is
+        :meth:`forward_media`'s. MediaError for a marker count that does not match,
+        a kind the projector does not read, a file that does not decode."""
+        self._require()
+        ctx = self._media
+        if ctx is None:
+            raise MediaError(f"model {self.info.name!r} reads no media natively: "
+                             f"{self.info.choices.get('media', 'no projector is loaded')}")
+        pieces = text.split(ctx.marker)
+        if len(pieces) - 1 != len(media):
+            raise MediaError(f"the prompt has {len(pieces) - 1} media marker(s) ({ctx.marker}) for "
+                             f"{len(media)} medium/media")
+        vocab = self._vocab
+        tokens: list[int] = []
+        spans: list[MediaSpan] = []
+        for i, piece in enumerate(pieces):
+            if piece or i == 0:
+                tokens += vocab.tokenize(piece, add_bos=i == 0, special=True)
+            if i < len(media):
+                tok = ctx.tokenize(media[i])
+                tokens += tok.before
+                span = MediaSpan(media=media[i], start=len(tokens), length=tok.n_pos, n_tokens=tok.n_tokens,
+                                 handle=tok)
+                tokens += [span.placeholder] * tok.n_pos
+                tokens += tok.after
+                spans.append(span)
+        return MediaPrompt(tokens, spans)
+
+    def forward_media(self, span: MediaSpan) -> None:
+        """Encode ``span``'s medium and evaluate it at the cache's end (positions as
+        mtmd counts them); ``cached_tokens`` then ends with its placeholders and
+        ``span.encode_ms`` holds the time taken. ContextOverflowError when it does not
+        fit; on any failure the cache is as it was."""
+        ctx = self._ctx
+        if ctx is None:
+            raise BackendError("no model is loaded")
+        media = self._media
+        if media is None:
+            raise MediaError(f"model {self.info.name!r} reads no media natively")
+        tok = span.handle
+        if not isinstance(tok, Tokenized):
+            raise MediaError("this medium was not prepared by this backend's tokenize_media")
+        n0 = len(self._tokens)
+        need = max(span.length, span.n_tokens)
+        if n0 + need > self._n_ctx:
+            raise overflow_error(n0, need, self._n_ctx)
+        t0 = time.perf_counter()
+        try:
+            end = media.evaluate(tok, ctx, n0, self._n_batch)
+            if end != n0 + span.length:
+                raise BackendError(f"libmtmd placed the {tok.kind} at positions {n0}..{end}, expected "
+                                   f"{span.length} of them")
+        except BaseException as exc:
+            self._media_failed(n0)
+            if isinstance(exc, NoRoom):
+                raise ContextOverflowError(str(exc), needed=n0 + need, available=self._n_ctx) from None
+            raise
+        span.encode_ms = round((time.perf_counter() - t0) * 1000, 2)
+        self._tokens.extend([span.placeholder] * span.length)
+        self._spans.append((n0, n0 + span.length))
+        if self._mtp is not None and self._mtp.kind == "assistant":
+            # the target's last decode was the medium's, with no hidden rows kept
+            self._mtp.keep_hidden(n0, span.length, [])
+
+    def _media_failed(self, n0: int) -> None:
+        """Roll the cache back to ``n0`` tokens after a medium failed to evaluate."""
+        if not self._seq_rm(self._mem, 0, n0, -1):
+            self._mem_clear(self._mem, True)
+            self._tokens = []
+        else:
+            del self._tokens[n0:]
+        self._keep_spans(len(self._tokens))
+        if self._mtp is not None:
+            self._mtp.cut(len(self._tokens))
+
+
+def _placeholder_error(token: int) -> BackendError:
+    return BackendError(f"token id {token} is a media placeholder: a medium is evaluated with "
+                        "forward_media, not forward")

@@ -15,6 +15,14 @@ A separate MTP drafter (``LoadOptions.mtp_model``: Gemma 4's
 that does not pair, is not a GGUF file or is truncated is refused before
 anything of the target is loaded; its context (``llamacpp_mtp_assistant``)
 is made once the target's exists.
+
+A media projector (``LoadOptions.mmproj``, else a ``mmproj-*.gguf`` beside the
+model that pairs with it: ``mmproj_pairing``) is checked against the model's
+header before anything loads too: a configured one that does not belong to
+the model is refused naming both files; one found beside it that does not is
+passed over (``choices["media"]`` says why). Its libmtmd context
+(``llamacpp_media``) is made once the model's context exists, and says which
+media the model then reads (``ModelInfo.modalities``).
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ from typing import Any
 from . import chat_template, sizing
 from .base import LoadOptions, ModelInfo, ModelLoadError
 from .gguf import GGUF_MAGIC
+from .llamacpp_media import MediaContext
 from .llamacpp_mtp import MtpContext, open_mtp
 from .llamacpp_mtp_assistant import AssistantContext, load_assistant_model
+from .mmproj_pairing import check_projector, find_sibling
 from .mtp_pairing import check_assistant
 from .llamacpp_native import LOG_TAIL, explain_load_failure, llama_said
 from .llamacpp_vocab import LlamaVocab
@@ -151,7 +161,7 @@ class ContextPlan:
 
 
 def plan_context(C, model, arch: str, path: Path, options: LoadOptions, extra: dict[str, Any],
-                 choices: dict[str, str]) -> ContextPlan:
+                 choices: dict[str, str], projector: Path | None = None) -> ContextPlan:
     """The context parameters, from the options, else from the machine's
     figures; ``choices`` gets the reasons (threads, context, kv_cache)."""
     machine = options.machine or sizing.measure()
@@ -160,7 +170,7 @@ def plan_context(C, model, arch: str, path: Path, options: LoadOptions, extra: d
         choices["threads"] = f"{n_threads}: set in config"
     else:
         n_threads, choices["threads"] = sizing.pick_threads(machine)
-    n_ctx, choices["context"] = _context_size(C, model, arch, path, options, machine)
+    n_ctx, choices["context"] = _context_size(C, model, arch, path, options, machine, projector)
     n_batch = min(int(options.n_batch or DEFAULT_N_BATCH), n_ctx)
 
     cparams = C.llama_context_default_params()
@@ -188,10 +198,12 @@ def plan_context(C, model, arch: str, path: Path, options: LoadOptions, extra: d
     return ContextPlan(cparams, n_threads, n_batch, n_swa, swa_full)
 
 
-def _context_size(C, model, arch: str, path: Path, options: LoadOptions, machine) -> tuple[int, str]:
+def _context_size(C, model, arch: str, path: Path, options: LoadOptions, machine,
+                  projector: Path | None = None) -> tuple[int, str]:
     """(context size, why): the config's, else what fits the machine beside the weights:
     the memory plan's largest context when ``extra["memory_plan"]`` (the daemon's
-    loads), else the simple rule (file size + a full-layer KV per token)."""
+    loads; ``projector``, the one this load uses, counted), else the simple rule
+    (file size + a full-layer KV per token)."""
     requested = int(options.n_ctx) if options.n_ctx else None
     if requested is not None and requested < 16:
         raise ModelLoadError(f"context size {requested} is too small (at least 16 tokens)")
@@ -199,6 +211,8 @@ def _context_size(C, model, arch: str, path: Path, options: LoadOptions, machine
     extra = options.extra or {}
     if extra.get("memory_plan"):  # the daemon asks for it: weights, drafter, KV by layer kind, compute
         drafting = bool(extra.get("mtp", True))  # drafting off: the drafter is not loaded
+        plan = extra["memory_plan"] if isinstance(extra["memory_plan"], dict) else {}
+        extra = {**extra, "memory_plan": {**plan, "mmproj": str(projector) if projector else None}}
         return sizing.pick_context_for_load(machine, path, train_ctx=train_ctx, requested=requested, extra=extra,
                                             n_batch=options.n_batch,
                                             mtp_model=options.mtp_model if drafting else None)
@@ -268,11 +282,12 @@ class LoadedModel:
     mtp_why: str  # why there is one, or none
     template: Any  # the compiled chat template
     info: ModelInfo
+    media: MediaContext | None = None  # the projector's libmtmd context (images, audio), if any
 
     def free(self) -> None:
-        """Free the MTP context, the batch, the context and the model."""
-        _free(self.C, self.mtp, self.batch, self.ctx, self.model)
-        self.mtp = self.batch = self.ctx = self.model = None
+        """Free the projector's context, the MTP context, the batch, the context and the model."""
+        _free(self.C, self.mtp, self.batch, self.ctx, self.model, self.media)
+        self.mtp = self.batch = self.ctx = self.model = self.media = None
 
 
 def _one_sequence(batch, n_batch: int) -> None:
@@ -282,8 +297,10 @@ def _one_sequence(batch, n_batch: int) -> None:
         batch.seq_id[i][0] = 0
 
 
-def _free(C, mtp: MtpContext | AssistantContext | None, batch, ctx, model) -> None:
+def _free(C, mtp: MtpContext | AssistantContext | None, batch, ctx, model, media: MediaContext | None = None) -> None:
     """Free what was made, in the reverse order of making (None: not made)."""
+    if media is not None:
+        media.free()
     if mtp is not None:
         mtp.free()
     if batch is not None:
@@ -299,6 +316,7 @@ def open_model(C, path: Path, options: LoadOptions, backend: str) -> LoadedModel
     context, batch, MTP draft context, vocabulary and chat template; on any
     failure all that was made is freed again."""
     extra = dict(options.extra or {})
+    projector, projector_why, configured = _projector_first(path, options, extra)
     drafter_path, drafter_model = _assistant_first(C, path, options, extra)
     try:
         model = load_model(C, path, extra)
@@ -306,12 +324,12 @@ def open_model(C, path: Path, options: LoadOptions, backend: str) -> LoadedModel
         if drafter_model is not None:
             C.llama_model_free(drafter_model)
         raise
-    ctx = batch = mtp = None
+    ctx = batch = mtp = media = None
     try:
         vocab = LlamaVocab(C, model, path)
         arch = meta_str(C, model, "general.architecture") or "unknown"
         choices: dict[str, str] = {}
-        plan = plan_context(C, model, arch, path, options, extra, choices)
+        plan = plan_context(C, model, arch, path, options, extra, choices, projector)
         ctx = create_context(C, model, plan, path)
         batch = C.llama_batch_init(plan.n_batch, 0, 1)
         _one_sequence(batch, plan.n_batch)
@@ -324,6 +342,7 @@ def open_model(C, path: Path, options: LoadOptions, backend: str) -> LoadedModel
             if options.mtp_model and mtp is None:
                 choices["mtp"] = mtp_why = (f"MTP drafter {options.mtp_model} not loaded: the model was "
                                             "loaded with drafting off")
+        media, choices["media"] = _open_media(C, model, plan, projector, projector_why, configured, extra)
         raw = C.llama_model_chat_template(model, None)
         own = raw.decode("utf-8", "replace") if raw else None
         template, compiled, source = chat_template.choose_template(
@@ -345,13 +364,51 @@ def open_model(C, path: Path, options: LoadOptions, backend: str) -> LoadedModel
             n_threads=plan.n_threads,
             n_params=int(C.llama_model_n_params(model)),
             choices=choices,
+            modalities=["text"] + [k for k in ("image", "audio") if media is not None and k in media.kinds],
         )
     except BaseException:
-        _free(C, mtp, batch, ctx, model)
+        _free(C, mtp, batch, ctx, model, media)
         if drafter_model is not None:
             C.llama_model_free(drafter_model)
         raise
-    return LoadedModel(C, model, ctx, batch, plan, vocab, mtp, mtp_why, compiled, info)
+    return LoadedModel(C, model, ctx, batch, plan, vocab, mtp, mtp_why, compiled, info, media)
+
+
+def _projector_first(path: Path, options: LoadOptions, extra: dict[str, Any]) -> tuple[Path | None, str, bool]:
+    """(the projector to load, why, whether it was configured), decided from headers
+    before anything is loaded: ``options.mmproj`` (ModelLoadError naming both files
+    when it does not belong to the model), else the first ``mmproj-*.gguf`` beside
+    the model that pairs with it; none with ``extra={"media": False}``."""
+    if not extra.get("media", True):
+        why = "off (loaded with media off)"
+        return None, why + (f"; projector {options.mmproj} not loaded" if options.mmproj else ""), False
+    if options.mmproj:
+        projector = Path(os.path.expanduser(str(options.mmproj)))
+        check_projector(path, projector)
+        return projector, "configured (mmproj)", True
+    found, lines = find_sibling(path)
+    if found is not None:
+        return Path(found), "found beside the model", False
+    why = "text only: no projector configured (mmproj) and no mmproj-*.gguf beside the model that pairs with it"
+    return None, why + (" (" + "; ".join(lines) + ")" if lines else ""), False
+
+
+def _open_media(C, model, plan: ContextPlan, projector: Path | None, why: str, configured: bool,
+                extra: dict[str, Any]) -> tuple[MediaContext | None, str]:
+    """(the projector's libmtmd context or None, the ``media`` choice line). A
+    configured projector libmtmd refuses fails the load; one found beside the
+    model is passed over, saying why."""
+    if projector is None:
+        return None, why
+    use_gpu = bool(C.llama_supports_gpu_offload()) and int(extra.get("n_gpu_layers", 1)) != 0
+    try:
+        media = MediaContext.open(model, projector, n_threads=plan.n_threads, use_gpu=use_gpu,
+                                  flash_attn_type=getattr(plan.cparams, "flash_attn_type", None))
+    except ModelLoadError as exc:
+        if configured:
+            raise
+        return None, f"text only: {projector.name}, found beside the model, was not loaded: {exc}"
+    return media, f"{media.describe()} ({why})"
 
 
 def _assistant_first(C, path: Path, options: LoadOptions, extra: dict[str, Any]) -> tuple[Path | None, Any]:

@@ -27,6 +27,7 @@ from .base import BackendUnavailable
 log = logging.getLogger("backends.llamacpp")
 
 _C: Any = None  # the llama_cpp.llama_cpp module, once imported
+_M: Any = None  # the llama_cpp.mtmd_cpp module (libmtmd), once imported
 _LOG_CALLBACK: Any = None  # keeps the ctypes callback alive
 LOG_TAIL: collections.deque[str] = collections.deque(maxlen=30)
 _last_level = 0
@@ -76,6 +77,27 @@ def llama():
     C.llama_backend_init()
     _C = C
     return C
+
+
+def mtmd():
+    """The ``llama_cpp.mtmd_cpp`` module (libmtmd: images and audio through a
+    projector), imported on first use with its log (and its helpers') routed
+    to ours, so a refused image says what libmtmd said and nothing reaches
+    stderr; ``BackendUnavailable`` when this llama-cpp-python has no libmtmd."""
+    global _M
+    if _M is not None:
+        return _M
+    llama()  # the log callback exists and the backend is initialised
+    try:
+        import llama_cpp.mtmd_cpp as M
+    except (ImportError, OSError, RuntimeError) as exc:
+        raise BackendUnavailable(f"this llama-cpp-python has no libmtmd (images and audio): {exc}") from exc
+    for name in ("mtmd_log_set", "mtmd_helper_log_set"):
+        setter = getattr(M, name, None)
+        if setter is not None:
+            setter(_LOG_CALLBACK, ctypes.c_void_p(0))
+    _M = M
+    return M
 
 
 def library_availability() -> tuple[bool, str]:

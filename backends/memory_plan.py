@@ -104,12 +104,14 @@ class PlanOptions:
                  mmproj: str | None = None) -> "PlanOptions":
         """The options a llama.cpp load with ``LoadOptions.extra`` = ``extra`` uses
         (``kv_type``, ``flash_attn``, ``swa_full``; ``memory_plan`` may be a dict
-        with ``mmproj``, ``os_headroom``, ``n_outputs``). Raises ModelLoadError for a
-        drafter or projector file that cannot be read."""
+        with ``mmproj``, ``os_headroom``, ``n_outputs``; its ``mmproj``, even None, is the
+        projector the load uses and wins over ``mmproj``, the one found beside the
+        file). Raises ModelLoadError for a drafter or projector file that cannot be read."""
         plan = extra.get("memory_plan") if isinstance(extra.get("memory_plan"), dict) else {}
         k, _, v = str(extra.get("kv_type") or "f16").partition("/")
         fa = extra.get("flash_attn")
-        mmproj = mmproj or plan.get("mmproj")
+        if "mmproj" in plan:  # the projector the load uses (a configured one), None: none
+            mmproj = plan["mmproj"]
         return cls(type_k=k, type_v=v or k, flash_attn=True if fa is None else bool(fa),
                    swa_full=bool(extra.get("swa_full", True)), n_ubatch=int(n_batch or 512),
                    n_outputs=int(plan.get("n_outputs", 1)),
@@ -388,35 +390,25 @@ PROJECTOR_GLOB = "mmproj-*.gguf"
 
 
 def find_projector(model_path: str | os.PathLike, header: GGUFHeader | None = None) -> Path | None:
-    """The first ``mmproj-*.gguf`` beside a model file that is a projector (``clip``) into
-    the model's hidden size (when both headers say it); None when there is none.
+    """The first ``mmproj-*.gguf`` beside a model file that pairs with it (a ``clip``
+    projector into the model's hidden size, ``backends.mmproj_pairing``: the one
+    the llama.cpp backend loads when none is configured); None when there is none.
     Never raises: a file that cannot be read is not a projector."""
-    path = Path(model_path)
-    try:
-        hidden = (header or read_header(path)).arch_key("embedding_length")
-        candidates = sorted(p for p in path.parent.glob(PROJECTOR_GLOB) if p.is_file())
-    except (ModelLoadError, OSError):
-        return None
-    for cand in candidates:
-        try:
-            meta = read_header(cand).meta
-        except ModelLoadError:
-            continue
-        dims = {meta.get("clip.vision.projection_dim"), meta.get("clip.audio.projection_dim")} - {None}
-        if meta.get("general.architecture") == "clip" and (not dims or not hidden or hidden in dims):
-            return cand
-    return None
+    from .mmproj_pairing import find_sibling
+
+    found, _ = find_sibling(model_path, model_header=header)
+    return Path(found) if found else None
 
 
 def plan_for_load(path: str | os.PathLike, n_ctx: int, extra: dict[str, Any], *, n_batch: int | None = None,
-                  mtp_model: str | None = None, machine: Any = None) -> MemoryPlan | None:
+                  mtp_model: str | None = None, machine: Any = None, mmproj: str | None = None) -> MemoryPlan | None:
     """The plan for loading the GGUF file at ``path`` at ``n_ctx`` tokens as the
     llama.cpp backend would with ``LoadOptions``' ``extra`` / ``n_batch`` /
-    ``mtp_model`` (a ``mmproj-*.gguf`` beside it that pairs counted too); None
-    when a header cannot be read."""
+    ``mtp_model`` (``mmproj``, a configured projector, else a ``mmproj-*.gguf`` beside
+    it that pairs, counted too); None when a header cannot be read."""
     try:
         header = read_header(path)
-        projector = find_projector(path, header)
+        projector = mmproj or find_projector(path, header)
         options = PlanOptions.for_load(extra, n_batch=n_batch, mtp_model=mtp_model,
                                        mmproj=str(projector) if projector else None)
     except ModelLoadError:

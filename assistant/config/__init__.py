@@ -262,6 +262,10 @@ MODEL_FIELDS: dict[str, Field] = {
     "speculative": Field("section", doc="Speculative decoding for this model: drafter, draft_model, max_draft, "
                          "mtp_model (null: the top-level speculative settings).", fields=MODEL_SPECULATIVE_FIELDS,
                          cls=ModelSpeculative),
+    "mmproj": Field("str", None, "Media projector (llama.cpp's mmproj-*.gguf) for images and audio read "
+                    "natively; ~ is expanded, a relative path is relative to this file; null: a mmproj-*.gguf "
+                    "beside the model file that pairs with it, if any. One that does not belong to the model "
+                    "is refused at load.", nullable=True, expand_user=True),
     "url": Field("str", None, "backend: remote: the OpenAI-compatible base URL (e.g. http://gpu-box:8000/v1).",
                  nullable=True),
     "model": Field("str", None, "backend: remote: the model's name on that server; null: the alias.",
@@ -282,6 +286,7 @@ class ModelEntry:
     chat_template: str | None = None
     paths: dict[str, str] = field(default_factory=dict)  # backend -> its own file (others use path)
     speculative: ModelSpeculative = field(default_factory=ModelSpeculative)
+    mmproj: str | None = None
     url: str | None = None
     model: str | None = None
     api_key_env: str | None = None
@@ -367,6 +372,28 @@ class HttpSettings:
         self.cors_origins = list(self.cors_origins or [])
 
 
+MEDIA_FIELDS: dict[str, Field] = {
+    "max_bytes": Field("int", 20 * 1024 * 1024, "Largest image or audio file a message may carry (bytes); "
+                       "checked before anything decodes it.", min=1),
+    "max_pixels": Field("int", 40_000_000, "Most pixels (width x height) of an image; larger ones are refused "
+                        "before they are decoded.", min=1),
+    "max_audio_seconds": Field("float", 3600, "Longest audio a message may carry, in seconds.", min=0,
+                               min_open=True),
+    "fallback": Field("bool", True, "Where the model cannot read a medium itself, turn it into text with the "
+                      "vision.ocr / audio.transcribe skills (marked as such); false: refuse it."),
+}
+
+
+@dataclass
+class MediaSettings:
+    """Images and audio in messages: the limits checked before decoding, and the fallback."""
+
+    max_bytes: int = MEDIA_FIELDS["max_bytes"].default
+    max_pixels: int = MEDIA_FIELDS["max_pixels"].default
+    max_audio_seconds: float = MEDIA_FIELDS["max_audio_seconds"].default
+    fallback: bool = MEDIA_FIELDS["fallback"].default
+
+
 TUI_BINDING_FIELDS: dict[str, Field] = {
     a.id: Field("str", a.key, a.help or a.description) for a in TUI_ACTIONS
 }
@@ -425,6 +452,8 @@ SCHEMA: dict[str, Field] = {
                          item=Field("str", expand_user=True)),
     "plugins": Field("map", doc="Per-plugin settings: plugin name -> anything; handed to the plugin's hooks "
                      "as `settings`.", item=Field("any", None)),
+    "media": Field("section", doc="Images and audio in messages: size limits and the OCR / transcript "
+                   "fallback.", fields=MEDIA_FIELDS, cls=MediaSettings),
     "tui": Field("section", doc="The terminal UI: theme and key bindings.", fields=TUI_FIELDS, cls=TuiSettings),
     "http": Field("section", doc="The OpenAI- and Ollama-compatible HTTP API (off by default).",
                   fields=HTTP_FIELDS, cls=HttpSettings),
@@ -454,6 +483,7 @@ class Config:
     profiles: dict[str, Profile] = field(default_factory=dict)
     plugin_dirs: list[str] = field(default_factory=list)
     plugins: dict[str, Any] = field(default_factory=dict)
+    media: MediaSettings = field(default_factory=MediaSettings)
     tui: TuiSettings = field(default_factory=TuiSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     # Not config keys: the file this came from (None when none existed), and

@@ -72,6 +72,9 @@ class ModelSpec:
     url: str | None = None
     remote_model: str | None = None
     api_key_env: str | None = None
+    # The alias's media projector (``mmproj:``; a relative path is the config file's
+    # folder's), resolved but not checked: the backend pairs it with the model at load.
+    mmproj: Path | None = None
 
     @property
     def remote(self) -> bool:
@@ -340,6 +343,8 @@ def resolve_model(name: str | None, config: Any | None = None, *, ensure: bool =
         spec.context = entry.context
         spec.threads = entry.threads
         spec.chat_template = entry.chat_template
+        mmproj = getattr(entry, "mmproj", None)
+        spec.mmproj = _abs_path(str(mmproj), base) if mmproj else None
         return spec
 
     if name in BUILTINS:

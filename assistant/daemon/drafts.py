@@ -56,7 +56,7 @@ async def load_draft(registry: ModelRegistry, worker: ModelWorker, name: str) ->
     info = worker.backend.info
     instance = type(worker.backend)()
     options = LoadOptions(n_ctx=info.context_length, n_threads=info.n_threads, chat_template=spec.chat_template,
-                          machine=figures(registry.machine))
+                          machine=figures(registry.machine), extra={"media": False})  # it drafts text only
     from assistant.daemon.registry import check_complete
 
     try:
@@ -136,6 +136,24 @@ def _check_mlx_assistant(target: Path, drafter: Path) -> None:
     pairing = pair_folders(target, drafter)  # ModelLoadError: not a complete model folder
     if not pairing.ok:
         raise ModelLoadError(f"MTP drafter {pairing.why()}")
+
+
+async def resolve_mmproj(name: str, spec: "ModelSpec", backend: str) -> str | None:
+    """The alias's media projector (``models.NAME.mmproj``) for the llama.cpp backend,
+    once its header pairs with the model's (``backends.mmproj_pairing``), off the event
+    loop; MODEL_LOAD_FAILED naming both files when it does not (nothing has been
+    loaded or unloaded yet). None: no projector configured."""
+    if spec.mmproj is None:
+        return None
+    path = str(spec.mmproj)
+    if backend == "llama.cpp" and Path(spec.path).is_file():
+        from backends.mmproj_pairing import check_projector
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, check_projector, spec.path, path)
+        except ModelLoadError as exc:
+            raise RPCError(ErrorCode.MODEL_LOAD_FAILED, f"model {name!r}: {exc}", {"mmproj": path}) from None
+    return path
 
 
 async def resolve_mtp_model(config: Config, name: str, spec: "ModelSpec") -> str | None:

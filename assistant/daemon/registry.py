@@ -36,6 +36,7 @@ from assistant.config import Config, parse_duration
 from assistant.config.models import ModelNotFoundError, ModelSpec, resolve_model
 from assistant.daemon import drafts
 from assistant.daemon.worker import UNSET, ModelWorker
+from assistant.inference.speculative.calibration import DRAFTING_KV_TYPE
 from assistant.machine import hardware
 from assistant.machine.choice import BackendChoiceError, choose_backend
 from assistant.machine.hardware import Machine, figures
@@ -132,7 +133,7 @@ def _memory_needed(spec: ModelSpec, options: LoadOptions) -> tuple[int, int]:
     drafter = options.mtp_model if (options.extra or {}).get("mtp", True) else None
     if Path(spec.path).is_file():
         plan = memory_plan.plan_for_load(spec.path, n_ctx, options.extra or {}, n_batch=options.n_batch,
-                                         mtp_model=drafter)
+                                         mtp_model=drafter, mmproj=options.mmproj)
         if plan is not None:
             kv = sum(ln.bytes for ln in plan.lines if ln.name.startswith(("kv cache", "drafter kv cache")))
             return plan.needed - kv, kv
@@ -288,7 +289,7 @@ class ModelRegistry:
             # Verified batches are bit-identical to one-token steps only when
             # the K cache is not F16/F32 (see backends/llamacpp.py): greedy
             # identity needs it. Q8_0 K with F16 V costs plain decoding nothing.
-            options.extra["kv_type"] = "q8_0/f16"
+            options.extra["kv_type"] = DRAFTING_KV_TYPE
         elif backend_name == "llama.cpp":
             # No drafting configured: no MTP layers, context or hidden-state copies per token.
             options.extra["mtp"] = False
@@ -343,6 +344,10 @@ class ModelRegistry:
         # A separate MTP drafter (configured, or an mtp-*.gguf beside the file), checked here:
         # one that cannot be used is refused before anything is unloaded.
         options.mtp_model = await drafts.resolve_mtp_model(self.config, name, spec)
+        # The alias's media projector (mmproj:), checked against the model's header here, so one
+        # that does not belong to it is refused before anything is unloaded; none: the backend
+        # looks for a mmproj-*.gguf beside the file.
+        options.mmproj = await drafts.resolve_mmproj(name, spec, backend_name)
         return self._worker(name, spec, instance, options)
 
     def _worker(self, name: str, spec: ModelSpec, instance: Backend, options: LoadOptions) -> ModelWorker:

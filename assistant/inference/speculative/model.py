@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from backends.base import Backend
+from backends.media import text_only
 
 from assistant.inference.generation import common_prefix
 from assistant.inference.sampling import Sampler, SamplingParams
@@ -80,7 +81,13 @@ class ModelDrafter:
     missing tokens are evaluated in one batch. Greedy requests draft greedily
     (a point-mass draft); sampled requests sample the draft from the draft
     model's own distribution with the same sampling settings and hand it to
-    the rejection rule."""
+    the rejection rule.
+
+    A prompt with media (placeholder ids, ``backends.media``): the draft model
+    sees its text only (``text_only``), the media left out; what the target
+    writes after them it sees as written. Its drafts are guesses the target
+    verifies, so a draft model that never saw the image costs acceptance, not
+    correctness."""
 
     name = "draft"
     needs_costs = True  # the engine measures verify costs before its first proposal
@@ -93,12 +100,15 @@ class ModelDrafter:
         # weights weigh against the target's (decoding reads every weight once
         # per token), so a draft model as big as the target is never tried.
         self.relative_cost: float | None = None
+        # (length of the request's prompt, its text without media), when it has media
+        self._text: tuple[int, list[int]] | None = None
         if target is not None:
             mine, theirs = weights_bytes(model), weights_bytes(target)
             if mine and theirs:
                 self.relative_cost = mine / theirs
 
     def begin(self, tokens: list[int], params: SamplingParams) -> None:
+        self._text = (len(tokens), text_only(tokens)) if tokens and min(tokens) < 0 else None
         if params.greedy:
             self._sampler = None
         else:
@@ -107,6 +117,9 @@ class ModelDrafter:
 
     def propose(self, tokens: list[int], choose: Chooser) -> Draft | None:
         m = self.model
+        if self._text is not None:  # the prompt's media are not the draft model's to see
+            n_prompt, text = self._text
+            tokens = text + tokens[n_prompt:]
         k = choose("draft", min(MAX_DRAFT_LIMIT, m.info.context_length - len(tokens)))
         if k <= 0:
             return None
@@ -154,3 +167,4 @@ class ModelDrafter:
 
     def close(self) -> None:
         self._sampler = None
+        self._text = None
