@@ -36,6 +36,12 @@ through mlx-vlm (the ``[vlm]`` extra) over this backend's cache and hidden
 states (``backends.mlx_mtp``): ``mtp_support``, ``mtp_kind`` and
 ``mtp_draft``, as on llama.cpp.
 
+Gemma 4 folders that hold its vision and audio towers (the mlx-community
+multimodal conversions) read images and audio natively: the towers load
+through mlx-vlm beside mlx-lm's text model, and each medium's soft tokens run
+through the text model on this backend's cache (``backends.mlx_media``):
+``media_support``, ``tokenize_media`` and ``forward_media``, as on llama.cpp.
+
 The pieces: ``mlx_native`` (the lazy import, what is installed),
 ``mlx_folder`` and ``mlx_gguf`` (checking and loading each kind of model);
 this module holds :func:`inspect_model` and the backend: choices at load
@@ -51,22 +57,26 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from . import chat_template, mlx_gemma4, mlx_mtp, sizing
+from . import chat_template, mlx_gemma4, mlx_media, mlx_mtp, sizing
 from .base import (
     Backend,
     BackendError,
     BackendUnavailable,
     LoadOptions,
+    MediaError,
     ModelInfo,
     ModelLoadError,
 )
 from .forward_args import logit_rows, overflow_error
 from .gguf import GGUF_MAGIC
+from .media import MediaInput, MediaPrompt, MediaSpan
 from .mlx_folder import arch_module, check_folder, folder_size, folder_summary, load_folder
 from .mlx_gguf import GGUF_ARCHITECTURES, GGUF_TENSOR_TYPES, check_gguf, load_gguf
 from .mlx_native import INSTALL_HINT, import_mlx, installed_version, runs_on_gpu, spec_found
@@ -84,6 +94,9 @@ DEFAULT_N_BATCH = 512
 _SPLIT_HEAD_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.gemma3_text", *mlx_gemma4.MODULES)
 # Hidden rows kept after a forward for the MTP assistant: a verify batch's worth.
 _HIDDEN_ROWS = 80
+# Soft-token embeddings kept by content hash, so a medium seen again (the next turn after its
+# cache was cut, the same image twice) is not encoded again: at most this many bytes.
+_EMBED_CACHE_BYTES = 64 * 1024 * 1024
 
 
 def inspect_model(path: str | Path) -> str:
@@ -137,6 +150,9 @@ class MLXBackend(Backend):
         self._exact_cache = True
         self._mtp: mlx_mtp.MlxAssistant | None = None  # Gemma 4's assistant drafter, when one is loaded
         self._mtp_why = "no model is loaded"
+        self._towers: mlx_media.Towers | None = None  # Gemma 4's vision/audio towers, when the folder has them
+        self._spans: list[tuple[int, int]] = []  # (start, end) of each medium in the cache: never cut inside
+        self._embeds: OrderedDict[str, Any] = OrderedDict()  # sha256 -> soft-token embeddings (_EMBED_CACHE_BYTES)
 
     # -- availability --------------------------------------------------------
 
@@ -178,6 +194,10 @@ class MLXBackend(Backend):
         mx, nn = import_mlx()
         p = Path(os.path.expanduser(str(path)))
         kind = inspect_model(p)
+        if options.mmproj:
+            raise ModelLoadError(
+                f"mmproj ({options.mmproj}) names a llama.cpp projector; the MLX backend reads Gemma 4's vision "
+                f"and audio towers from the model folder itself: remove mmproj from this model's settings")
         mtp_bytes = _check_mtp(p, kind, options.mtp_model) if options.mtp_model else 0
         if self._model is not None:
             self.unload()
@@ -203,7 +223,8 @@ class MLXBackend(Backend):
         self._n_batch = max(1, int(options.n_batch or DEFAULT_N_BATCH))
         self._vocab = int(_vocab_size(model, tok))
         self._cache = self._new_cache()
-        self._tokens = []
+        self._tokens, self._spans = [], []
+        self._towers, choices["media"] = _load_towers(p, kind, model, dtype_name)
         try:
             self._mtp, self._mtp_why = _load_assistant(model, options.mtp_model, dtype_name, choices)
         except ModelLoadError:  # a load gives both or neither
@@ -233,10 +254,11 @@ class MLXBackend(Backend):
             return
         if self._mtp is not None:
             self._mtp.free()
-        self._model = self._cache = self._tok = self._template = self._mtp = None
+        self._model = self._cache = self._tok = self._template = self._mtp = self._towers = None
         self._mtp_why = "no model is loaded"
         self._info = None
-        self._tokens = []
+        self._tokens, self._spans = [], []
+        self._embeds.clear()
         try:
             import mlx.core as mx
 
@@ -301,6 +323,102 @@ class MLXBackend(Backend):
         if n <= 0 or not 0 <= token < self._vocab:
             return []
         return self._mtp.draft(self._model, self._cache, N, token, n)
+
+    # -- media: Gemma 4's vision and audio towers (``mlx_media``) -----------------
+
+    def media_support(self) -> frozenset[str]:
+        """The kinds ("image", "audio") whose tower the loaded folder holds and
+        mlx-vlm could load (``ModelInfo.choices["media"]`` says why not, where not)."""
+        return self._towers.kinds if self._towers is not None else frozenset()
+
+    def media_marker(self) -> str:
+        """Where a medium goes in the rendered text (the same marker as llama.cpp's mtmd)."""
+        return "<__media__>"
+
+    def tokenize_media(self, text: str, media: Sequence[MediaInput]) -> MediaPrompt:
+        """The prompt ``text`` with one :meth:`media_marker` per medium: each
+        medium becomes its begin token, its soft tokens (the span, as many as
+        mlx-vlm's processor counts) and its end token. Every medium is decoded
+        and preprocessed here (not yet encoded), so a bad file fails before the
+        cache changes; one encoded before (by content hash) is not decoded again."""
+        self._require()
+        marker = self.media_marker()
+        pieces = text.split(marker)
+        if len(pieces) - 1 != len(media):
+            raise MediaError(f"the prompt has {len(pieces) - 1} media markers for {len(media)} media")
+        towers = self._towers
+        for m in media:
+            if m.kind not in self.media_support():
+                raise MediaError(f"model {self.info.name!r} reads no {m.kind} natively: "
+                                 f"{self.info.choices.get('media') or 'no media support'}")
+        tokens = self.tokenize(pieces[0], add_bos=True)
+        spans = []
+        for m, piece in zip(media, pieces[1:]):
+            known = self._embeds.get(m.sha256)
+            if known is not None:
+                self._embeds.move_to_end(m.sha256)
+                medium = _Medium(m.kind, known.shape[0], None, known)
+            else:
+                p = towers.prepare(m.kind, m.path, _media_name(m))
+                medium = _Medium(m.kind, p.n_tokens, p, None)
+            begin, end = towers.tokens.around(m.kind)
+            tokens.append(begin)
+            span = MediaSpan(media=m, start=len(tokens), length=medium.n_tokens, n_tokens=medium.n_tokens,
+                             handle=medium)
+            tokens.extend([span.placeholder] * span.length)
+            tokens.append(end)
+            tokens.extend(self.tokenize(piece, add_bos=False))
+            spans.append(span)
+        return MediaPrompt(tokens=tokens, spans=spans)
+
+    def forward_media(self, span: MediaSpan) -> None:
+        """Encode the span's medium (once: the embeddings stay on ``span.handle``
+        and, by content hash, on the backend) and run its soft tokens through the
+        text model at the cache's end; ``span.encode_ms`` is the tower's time
+        (0 when the embeddings were known). A failure rolls the cache back."""
+        self._require()
+        import mlx.core as mx
+
+        medium = span.handle
+        if not isinstance(medium, _Medium) or self._towers is None:
+            raise MediaError("forward_media needs a span of this backend's tokenize_media")
+        n0, n = len(self._tokens), span.length
+        if n0 + n > self._n_ctx:
+            raise overflow_error(n0, n, self._n_ctx)
+        emb_dtype = mlx_gemma4.body(self._model).embed_tokens.weight.dtype
+        span.encode_ms = 0.0
+        if medium.embeddings is None:
+            t0 = time.perf_counter()
+            try:
+                medium.embeddings = self._towers.encode(medium.prepared, emb_dtype)
+            except MemoryError as exc:
+                raise MediaError(f"not enough memory to encode {_media_name(span.media)}") from exc
+            except Exception as exc:  # noqa: BLE001 - mlx raises ValueError/RuntimeError on shape or memory trouble
+                raise MediaError(f"the {span.media.kind} tower failed on {_media_name(span.media)}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+            span.encode_ms = (time.perf_counter() - t0) * 1000.0
+            medium.prepared = None
+            self._remember(span.media.sha256, medium.embeddings)
+        bidirectional = span.media.kind == "image" and self._towers.bidirectional
+        try:
+            h = mlx_media.forward_embeddings(self._model, self._cache, medium.embeddings[None], n0, bidirectional)
+            keep = [c.state for c in self._cache]
+            if self._mtp is not None:  # the drafter drafts from the last hidden row, a soft token's too
+                keep.append(self._mtp.keep_hidden(h[0, -_HIDDEN_ROWS:], n0 + n))
+            mx.eval(keep)
+        except Exception as exc:
+            self._rollback(n0)
+            raise BackendError(f"MLX forward of {_media_name(span.media)} failed: {type(exc).__name__}: {exc}") \
+                from exc
+        self._tokens.extend([span.placeholder] * n)
+        self._spans.append((n0, n0 + n))
+
+    def _remember(self, sha256: str, embeddings: Any) -> None:
+        """Keep ``embeddings`` by content hash, the least recently used dropped past _EMBED_CACHE_BYTES."""
+        self._embeds[sha256] = embeddings
+        self._embeds.move_to_end(sha256)
+        while len(self._embeds) > 1 and sum(e.nbytes for e in self._embeds.values()) > _EMBED_CACHE_BYTES:
+            self._embeds.popitem(last=False)
 
     # -- forward / truncate ------------------------------------------------------
 
@@ -381,19 +499,24 @@ class MLXBackend(Backend):
                     if extra > 0:
                         c.trim(extra)
                 del self._tokens[n0:]
+                self._spans = [s for s in self._spans if s[1] <= n0]
                 return
         except Exception:  # noqa: BLE001
             pass
         self._cache = self._new_cache()
-        self._tokens = []
+        self._tokens, self._spans = [], []
 
     def truncate(self, n: int) -> None:
-        """Keep the first ``n`` cached tokens. A cache that cannot be cut there
-        (a rotating cache of an architecture without an exact one) is cleared:
-        callers read ``cached_tokens`` afterwards to see what is left."""
+        """Keep the first ``n`` cached tokens. A cut inside a medium keeps none
+        of it (the cache is cut at its start), and a cache that cannot be cut
+        there (a rotating cache of an architecture without an exact one) is
+        cleared: callers read ``cached_tokens`` afterwards to see what is left."""
         self._require()
         if n < 0:
             raise ValueError("truncate(n) needs n >= 0")
+        for start, end in self._spans:
+            if start < n < end:
+                n = start
         k = len(self._tokens) - n
         if k <= 0:
             return
@@ -401,9 +524,10 @@ class MLXBackend(Backend):
             for c in self._cache:
                 c.trim(k)
             del self._tokens[n:]
+            self._spans = [s for s in self._spans if s[1] <= n]
         else:
             self._cache = self._new_cache()
-            self._tokens = []
+            self._tokens, self._spans = [], []
 
 
 # ---------------------------------------------------------------------------
@@ -464,6 +588,45 @@ def _load_assistant(model, mtp_model: str | None, dtype_name: str,
     mtp = mlx_mtp.MlxAssistant.load(mtp_model, model, None if dtype_name == "as stored" else getattr(mx, dtype_name))
     choices["mtp"] = mtp.describe()
     return mtp, choices["mtp"]
+
+
+class _Medium:
+    """A span's handle: the medium preprocessed (until encoded), then its embeddings."""
+
+    __slots__ = ("kind", "n_tokens", "prepared", "embeddings")
+
+    def __init__(self, kind: str, n_tokens: int, prepared: Any, embeddings: Any):
+        self.kind, self.n_tokens, self.prepared, self.embeddings = kind, n_tokens, prepared, embeddings
+
+
+def _media_name(m: MediaInput) -> str:
+    """How errors name a medium: its kind and the start of its hash (never a path a client named)."""
+    return f"{m.kind} {m.sha256[:12]}"
+
+
+def _load_towers(p: Path, kind: str, model, dtype_name: str) -> tuple[mlx_media.Towers | None, str]:
+    """(Gemma 4's vision/audio towers from the folder, or None; what
+    ``ModelInfo.choices["media"]`` says). Never fails the load: a model whose
+    towers cannot load still serves text, and the choice says why."""
+    if kind != "folder" or not mlx_gemma4.is_gemma4(model):
+        return None, "none: the MLX backend reads images and audio natively only from Gemma 4 model folders"
+    config = check_folder(p)
+    kinds, why = mlx_media.probe(p, config)
+    if not kinds:
+        return None, f"none: {why}"
+    missing = mlx_media.vlm_missing()
+    if missing:
+        return None, f"none: {missing}"
+    import mlx.core as mx
+
+    try:
+        towers = mlx_media.Towers.load(p, config, kinds, None if dtype_name == "as stored" else getattr(mx, dtype_name))
+    except MemoryError:
+        return None, "none: not enough memory for the vision/audio towers"
+    except Exception as exc:  # noqa: BLE001 - mlx-vlm raises ValueError, KeyError... on a broken tower
+        log.warning("%s: the vision/audio towers did not load: %s", p, exc)
+        return None, f"none: the towers in {p.name} did not load ({type(exc).__name__}: {exc})"
+    return towers, towers.describe()
 
 
 def _check_mtp(p: Path, kind: str, mtp_model: str) -> int:
