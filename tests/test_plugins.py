@@ -137,7 +137,9 @@ def by_name(plugins: list[dict]) -> dict[str, dict]:
 
 async def test_single_file_plugin_adds_a_skill_and_a_method(assistant_daemon_factory, tmp_path):
     f = write_plugin(tmp_path / "src", "greeter", GREETER)
-    d = assistant_daemon_factory(plugin_files=[f], config={"plugins": {"greeter": {"suffix": "!"}}})
+    # Only this plugin: the built-in ones (vision, audio) add skills of their own.
+    d = assistant_daemon_factory(plugin_files=[f], config={"plugins": {"greeter": {"suffix": "!"}}},
+                                 plugins=["greeter"])
     async with await d.client() as c:
         skills = (await c.call("skills.list"))["skills"]
         assert [s["name"] for s in skills] == ["greet"] and skills[0]["plugin"] == "greeter"
@@ -189,7 +191,7 @@ async def test_failing_plugins_are_isolated_and_listed(assistant_daemon_factory,
 async def test_taken_names_and_bad_schemas_are_refused_naming_the_plugin(assistant_daemon_factory, tmp_path):
     src = tmp_path / "src"
     files = [write_plugin(src, "greeter", GREETER), write_plugin(src, "squatter", SQUATTER)]
-    d = assistant_daemon_factory(plugin_files=files)
+    d = assistant_daemon_factory(plugin_files=files, plugins=["greeter", "squatter"])
     async with await d.client() as c:
         plugins = by_name((await c.call("plugins.list"))["plugins"])
         skills = {s["name"]: s["plugin"] for s in (await c.call("skills.list"))["skills"]}

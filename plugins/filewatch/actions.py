@@ -85,9 +85,12 @@ class Actions:
             from assistant.protocol import RPCError
 
             try:
-                return await self.context.call_skill(o["skill"], args), {}
+                result = await self.context.call_skill(o["skill"], args)
             except RPCError as exc:
                 raise ActionError(f"skill {o['skill']!r}: {exc.message}") from None
+            if o.get("output"):
+                return _field(result, o["output"], o["skill"]), {}
+            return result, {}
 
         return {"skill": o["skill"], "arguments": args}, work
 
@@ -142,6 +145,20 @@ class Actions:
             return out.decode(errors="replace"), {"exit_code": 0}
 
         return command, work
+
+
+def _field(result: Any, key: str, skill: str) -> Any:
+    """``result[a][b]`` for the key "a.b" (a list index where the value is a list)."""
+    value = result
+    for part in key.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            have = f" (it has {', '.join(map(str, value))})" if isinstance(value, dict) else ""
+            raise ActionError(f"skill {skill!r}: its result has no {key!r}{have}")
+    return value
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

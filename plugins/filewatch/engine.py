@@ -362,22 +362,30 @@ class Automations:
                                              "dry_run": trace["dry_run"]})
 
     async def _values(self, rule: Rule, path: Path, events: list[dict[str, Any]]) -> dict[str, Any]:
-        content, known = "", False
-        try:
-            with open(path, "rb") as f:
-                content = f.read(rule.max_bytes).decode("utf-8", errors="replace")
-            known = True
-        except (FileNotFoundError, IsADirectoryError):
-            pass
-        except OSError as exc:
-            raise RuntimeError(f"cannot read {path}: {exc.strerror or exc}") from None
-        last = await self.context.db(history.get_state, rule.id, f"content:{path}", "")
-        diff = "".join(difflib.unified_diff(last.splitlines(keepends=True), content.splitlines(keepends=True),
-                                            fromfile=f"{path.name} (last run)", tofile=path.name))
+        content, known, diff = "", False, ""
+        if rule.uses_content():
+            try:
+                with open(path, "rb") as f:
+                    content = f.read(rule.max_bytes).decode("utf-8", errors="replace")
+                known = True
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+            except OSError as exc:
+                raise RuntimeError(f"cannot read {path}: {exc.strerror or exc}") from None
+            last = await self.context.db(history.get_state, rule.id, f"content:{path}", "")
+            diff = "".join(difflib.unified_diff(last.splitlines(keepends=True), content.splitlines(keepends=True),
+                                                fromfile=f"{path.name} (last run)", tofile=path.name))
+            size = len(content.encode())
+        else:
+            # Not read (no template wants it): a binary medium's bytes stay out of memory and the database.
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = 0
         return {"path": str(path), "name": path.name, "stem": path.stem, "suffix": path.suffix,
                 "dir": str(path.parent), "content": content, "diff": diff, "output": "",
                 "event": events[-1]["kind"] if events else "manual", "rule": rule.id,
-                "size": len(content.encode()), "_content_known": known}
+                "size": size, "_content_known": known}
 
     # -- queries for the protocol -------------------------------------------------------
 

@@ -73,6 +73,18 @@ class Rule:
     max_bytes: int = 1_000_000  # content read into templates
     source: str = ""
 
+    def uses_content(self) -> bool:
+        """Does any action's template use ``{content}`` or ``{diff}``? Only then is the file
+        read as text (and its content kept for the next ``{diff}``): a rule over images or
+        recordings has no use for a megabyte of their bytes decoded as UTF-8."""
+        for action in self.actions:
+            o = action.options
+            texts = [o.get(k) for k in _TEMPLATE_OPTIONS] + list((o.get("arguments") or {}).values())
+            for text in texts:
+                if isinstance(text, str) and template_fields(text) & {"content", "diff"}:
+                    return True
+        return False
+
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id, "enabled": self.enabled, "mode": self.mode, "max": self.max, "cooldown": self.cooldown,
@@ -157,6 +169,15 @@ def _unknown(d: dict[str, Any], known: set[str], ctx: _Ctx, prefix: str = "") ->
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ctx.error(prefix + str(key), f"unknown key (known: {', '.join(sorted(known))}){hint}")
+
+
+# The options of actions that are templates (the arguments of a skill action are too).
+_TEMPLATE_OPTIONS = ("prompt", "system", "to", "backup", "content", "message", "shell")
+
+
+def template_fields(text: str) -> set[str]:
+    """The placeholders a (checked) template uses, by their root name: "{output[0]}" is "output"."""
+    return {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(text) if f}
 
 
 def check_template(text: str, ctx: _Ctx, key: str) -> str:
@@ -286,7 +307,7 @@ def _parse_run_options(data: dict[str, Any], ctx: _Ctx) -> dict[str, Any]:
 
 _ACTION_KEYS = {
     "prompt": {"prompt", "system", "model", "max_tokens", "temperature", "draft"},
-    "skill": {"skill", "arguments"},
+    "skill": {"skill", "arguments", "output"},
     "write": {"write"},
     "emit": {"emit"},
     "shell": {"shell", "timeout"},
@@ -329,7 +350,11 @@ def _skill_options(data: dict[str, Any], ctx: _Ctx, key: str) -> dict[str, Any]:
     for k, v in args.items():
         if isinstance(v, str):
             check_template(v, ctx, f"{key}.arguments.{k}")
-    return {"skill": skill, "arguments": args}
+    # Which field of the skill's result becomes {output} (`text` of a transcript, say);
+    # dotted for a nested one. Default: the whole result.
+    output = _take(data, "output", (str,), None, ctx, key + ".", check=lambda v: bool(v.strip(". ")),
+                   expected="a key of the skill's result, e.g. text")
+    return {"skill": skill, "arguments": args, "output": output}
 
 
 def _write_options(data: dict[str, Any], ctx: _Ctx, key: str) -> dict[str, Any]:
