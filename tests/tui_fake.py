@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -85,8 +86,11 @@ class FakeStream:
     """Like ``client.ChatStream``: iterate for deltas, ``result()``, ``cancel()``."""
 
     def __init__(self, client: "FakeClient", rid: int, tokens: list[str], rate: float | None,
-                 on_produce: Callable[[int, str], None] | None):
+                 on_produce: Callable[[int, str], None] | None, *, media: str | None = None,
+                 error: RPCError | None = None):
         self._client = client
+        self._media = media  # stats.media of the reply (None: no media in the message)
+        self._error = error  # the daemon refuses the request: no deltas, result() raises
         self.id = rid
         self.text = ""
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -98,6 +102,11 @@ class FakeStream:
         self._task = asyncio.ensure_future(self._produce())
 
     async def _produce(self) -> None:
+        if self._error is not None:
+            await asyncio.sleep(0)
+            self._queue.put_nowait(None)
+            self._future.set_exception(self._error)
+            return
         start = time.perf_counter()
         reason = "stop"
         for i, tok in enumerate(self._tokens):
@@ -114,6 +123,8 @@ class FakeStream:
             self._queue.put_nowait(tok)
         self._queue.put_nowait(None)
         stats = dict(STATS, completion_tokens=len(self._tokens), finish_reason=reason)
+        if self._media:
+            stats["media"] = self._media
         self._future.set_result(self._client._finish(self, reason, stats))
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -155,7 +166,12 @@ class FakeClient:
     def __init__(self, *, sessions: dict[str, dict[str, Any]] | None = None, reply: str | list[str] =
                  "The capital of France is Paris.", rate: float | None = None,
                  on_produce: Callable[[int, str], None] | None = None, events: list[dict[str, Any]] | None = None,
-                 plugins: list[dict[str, Any]] | None = None, skills: list[dict[str, Any]] | None = None):
+                 plugins: list[dict[str, Any]] | None = None, skills: list[dict[str, Any]] | None = None,
+                 modalities: list[str] | None = None):
+        """``modalities``: what the loaded model takes (``info.modalities`` in ``models.list``);
+        None leaves ``info`` out, as before a model says. A chat message's media parts are
+        read natively for those kinds, else by the fallback skill (``vision.ocr``,
+        ``audio.transcribe``) when ``skills`` has it, else refused with MEDIA_UNSUPPORTED."""
         self.socket_path = Path("/fake/assistant.sock")
         self.server_info = {"protocol_version": 1, "daemon_version": "0.1.0", "pid": 1,
                             "capabilities": ["chat", "sessions.rewind"], "plugins": ["core", "filewatch"],
@@ -167,6 +183,7 @@ class FakeClient:
         self.events = EVENTS if events is None else events
         self.plugins = PLUGINS if plugins is None else plugins
         self.skills = SKILLS if skills is None else skills
+        self.modalities = modalities
         self.on_notification: Callable[[str, dict[str, Any]], None] | None = None
         self.closed = asyncio.Event()
         self.calls: list[tuple[str, dict[str, Any]]] = []
@@ -205,7 +222,10 @@ class FakeClient:
         if method == "status":
             return {"models": [{"name": "smollm2-135m", "backend": "llama.cpp", "state": "ready"}]}
         if method == "models.list":
-            return {"loaded": [{"name": "smollm2-135m", "backend": "llama.cpp", "state": "ready"}],
+            loaded = {"name": "smollm2-135m", "backend": "llama.cpp", "state": "ready"}
+            if self.modalities is not None:
+                loaded["info"] = {"modalities": list(self.modalities)}
+            return {"loaded": [loaded],
                     "available": [{"name": "smollm2-135m"}, {"name": "gemma3-270m"}], "default": "smollm2-135m"}
         if method == "models.load":
             return {"name": params.get("model"), "backend": params.get("backend") or "llama.cpp", "state": "ready"}
@@ -259,17 +279,63 @@ class FakeClient:
     async def chat(self, **params: Any) -> FakeStream:
         self.calls.append(("chat", params))
         rid = self._new_id()
+        tokens = self.reply if isinstance(self.reply, list) else _words(self.reply)
+        try:
+            content, parts, media = self._read_parts(params.get("prompt", ""))
+        except RPCError as exc:  # refused before anything is stored, as the daemon does
+            return FakeStream(self, rid, tokens, self.rate, self.on_produce, error=exc)
         sid = params.get("session")
         if sid is not None:
             s = self.sessions.setdefault(sid, {"id": sid, "title": None, "created": T0, "updated": T0,
                                                "model": None, "system_prompt": None, "settings": {},
                                                "messages": []})
-            user = {"id": self._new_id(), "role": "user", "content": params.get("prompt", ""), "created": T0,
+            user = {"id": self._new_id(), "role": "user", "content": content, "created": T0,
                     "stats": None, "status": "complete"}
+            if parts is not None:  # as the daemon keeps a message with media: its text, and its parts
+                user["parts"] = parts
             s["messages"].append(user)
             self._pending_user[rid] = user
-        tokens = self.reply if isinstance(self.reply, list) else _words(self.reply)
-        return FakeStream(self, rid, tokens, self.rate, self.on_produce)
+        return FakeStream(self, rid, tokens, self.rate, self.on_produce, media=media)
+
+    def _read_parts(self, prompt: Any) -> tuple[str, list[dict[str, Any]] | None, str | None]:
+        """A message as the session keeps it (its text, and its parts when it holds media: media
+        by sha256, no path) and the reply's stats.media; RPCError for a part the daemon would
+        refuse (the shapes of docs/protocol.md, checked loosely). A stored part (sha256, as
+        sessions.get gives it) is taken back, as the daemon does over its socket."""
+        if isinstance(prompt, str):
+            return prompt, None, None
+        if not isinstance(prompt, list):
+            raise RPCError(ErrorCode.INVALID_PARAMS, "parameter 'prompt': expected a string or a list of parts")
+        stored, paths = [], []
+        for i, part in enumerate(prompt):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                stored.append({"type": "text", "text": str(part.get("text", ""))})
+                continue
+            if kind not in ("image", "audio"):
+                raise RPCError(ErrorCode.INVALID_PARAMS, f"part {i}: unknown type {kind!r}")
+            if part.get("sha256"):
+                path, sha = None, str(part["sha256"])
+            else:
+                path = Path(str(part.get("path", "")))
+                if not path.is_absolute() or not path.is_file():
+                    raise RPCError(_code("MEDIA_INVALID"), f"part {i}: cannot read {path}")
+                sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            if kind in (self.modalities or []):
+                how = "native"
+            elif any(s.get("name") == FALLBACK[kind] for s in self.skills):
+                how = "ocr" if kind == "image" else "transcript"
+            else:
+                raise RPCError(_code("MEDIA_UNSUPPORTED"),
+                               f"smollm2-135m cannot read {kind} and no {FALLBACK[kind]} skill is installed")
+            if how not in paths:
+                paths.append(how)
+            stored.append({"type": kind, "sha256": sha, "mime": "image/png" if kind == "image" else "audio/wav",
+                           "name": part.get("name") or (path.name if path else None)})
+        text = "\n".join(p["text"] for p in stored if p["type"] == "text" and p["text"])
+        if not paths:
+            return text, None, None
+        return text, stored, "+".join(p for p in ("native", "ocr", "transcript") if p in paths)
 
     def _finish(self, stream: FakeStream, reason: str, stats: dict[str, Any]) -> dict[str, Any]:
         reply = {"text": stream.text, "finish_reason": reason, "model": "smollm2-135m", "stats": stats}
@@ -289,6 +355,14 @@ class FakeClient:
         """Deliver an event notification, as the daemon does after events.subscribe."""
         if self.on_notification is not None:
             self.on_notification("event", event)
+
+
+FALLBACK = {"image": "vision.ocr", "audio": "audio.transcribe"}
+
+
+def _code(name: str) -> int:
+    """The daemon's error code ``name`` (INVALID_PARAMS on a protocol.py that has not got it yet)."""
+    return int(getattr(ErrorCode, name, ErrorCode.INVALID_PARAMS))
 
 
 def _words(text: str) -> list[str]:

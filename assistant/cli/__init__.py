@@ -195,13 +195,17 @@ async def _call(args: argparse.Namespace, method: str, params: dict[str, Any] | 
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    media = _media_parts(args.media or [])
     prompt = " ".join(args.prompt)
     if not prompt or prompt == "-":
         if sys.stdin.isatty():
-            raise CLIError("give a prompt, or pipe one on stdin")
-        prompt = sys.stdin.read()
+            if not media or prompt == "-":
+                raise CLIError("give a prompt, or pipe one on stdin")
+            prompt = ""  # an image or a recording alone is a question too
+        else:
+            prompt = sys.stdin.read()
     params = {
-        "prompt": prompt, "model": args.model, "system": args.system, "temperature": args.temperature,
+        "prompt": _message(prompt, media), "model": args.model, "system": args.system, "temperature": args.temperature,
         "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
         "max_tokens": args.max_tokens, "seed": args.seed, "session": args.session,
         "backend": args.backend,
@@ -216,6 +220,55 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 SCHEMA_FILE_LIMIT = 1024 * 1024  # bytes of a --schema file
+# What the reply's stats.media says ran, per kind: the model itself, or a fallback skill's text.
+MEDIA_PATH_WORDS = {"image": ("read by the model", "ocr", "OCR text"),
+                    "audio": ("heard by the model", "transcript", "transcript")}
+
+
+def _media_parts(media: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """``--image``/``--audio`` as content parts, in the order given: ``{"type", "path", "name"}``
+    with the path made absolute here (the daemon's working directory is not ours). The daemon
+    checks the bytes (type, size, pixels, duration); this checks that there is a file to send."""
+    parts = []
+    for kind, text in media:
+        path = Path(os.path.expanduser(text))
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        flag = f"--{kind} {text}"
+        try:
+            if not path.exists():
+                raise CLIError(f"{flag}: no such file")
+            if path.is_dir():
+                raise CLIError(f"{flag}: a folder; give a file")
+            if not path.is_file():  # a FIFO or a device: the daemon would block reading it
+                raise CLIError(f"{flag}: not a regular file")
+            if not os.access(path, os.R_OK):
+                raise CLIError(f"{flag}: permission denied")
+        except OSError as exc:
+            raise CLIError(f"{flag}: {exc.strerror or exc}") from None
+        parts.append({"type": kind, "path": str(path), "name": path.name})
+    return parts
+
+
+def _message(prompt: str, media: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """The chat message: the prompt alone, or the media parts followed by the prompt's text part."""
+    if not media:
+        return prompt
+    return media + ([{"type": "text", "text": prompt}] if prompt.strip() else [])
+
+
+def _media_note(kinds: list[str], media: str | None) -> str:
+    """Which path the media took, from stats.media ("native", "ocr", "transcript", joined by "+"):
+    "image: OCR text", "audio: heard by the model"; "" when the daemon did not say."""
+    ran = set((media or "").split("+"))
+    notes = []
+    for kind in dict.fromkeys(kinds):
+        native, fallback, words = MEDIA_PATH_WORDS[kind]
+        if fallback in ran:
+            notes.append(f"{kind}: {words}")
+        elif "native" in ran:
+            notes.append(f"{kind}: {native}")
+    return ", ".join(notes)
 
 
 def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -268,6 +321,11 @@ async def _ask(args: argparse.Namespace, params: dict[str, Any]) -> int:
     else:
         if not result["text"].endswith("\n"):
             sys.stdout.write("\n")
+        kinds = [p["type"] for p in params["prompt"] if p["type"] != "text"] if isinstance(
+            params["prompt"], list) else []
+        note = _media_note(kinds, (result.get("stats") or {}).get("media")) if kinds else ""
+        if note:
+            print(f"[{note}]", file=sys.stderr)
         if result["finish_reason"] == "cancelled":
             print("[cancelled]", file=sys.stderr)
         elif result["stats"].get("context_full"):
@@ -439,12 +497,27 @@ def cmd_skills(args: argparse.Namespace) -> int:
         arguments = json.loads(args.arguments) if args.arguments else {}
     except json.JSONDecodeError as exc:
         raise CLIError(f"arguments must be a JSON object: {exc}") from None
+    if not isinstance(arguments, dict):
+        raise CLIError(f"arguments must be a JSON object, not {type(arguments).__name__}")
+    arguments = _absolute_paths(arguments)
     result = _run(_call(args, "skills.call", {"name": args.name, "arguments": arguments}, start=True))["result"]
     if args.json or not isinstance(result, str):
         _print_json(result)
     else:
         print(result)
     return 0
+
+
+def _absolute_paths(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A skill's path arguments (``path``, ``*_path``) made absolute against this shell's working
+    directory, ``~`` expanded: the daemon runs elsewhere, and ``vision.ocr '{"path": "scan.png"}'``
+    means the scan here. Other values go as they are."""
+    out = dict(arguments)
+    for key, value in arguments.items():
+        if (key == "path" or key.endswith("_path")) and isinstance(value, str) and value and "://" not in value:
+            path = Path(os.path.expanduser(value))
+            out[key] = str(path if path.is_absolute() else Path.cwd() / path)
+    return out
 
 
 # -- the terminal UI ------------------------------------------------------------------
@@ -591,6 +664,11 @@ def _add_ask_commands(sub) -> None:
                    help="speculative decoding: auto, ngram, draft, mtp, off (default: the config's)")
     s.add_argument("--max-draft", type=int, metavar="N", help="most tokens drafted per step (1-64)")
     s.add_argument("--draft-model", metavar="MODEL", help="draft model (alias or GGUF path) for --draft draft/auto")
+    # Both append to one list, so the parts keep the order they were given in.
+    s.add_argument("--image", action="append", dest="media", metavar="PATH", type=lambda p: ("image", p),
+                   help="an image for the model (repeatable); a model that cannot see gets its OCR text")
+    s.add_argument("--audio", action="append", dest="media", metavar="PATH", type=lambda p: ("audio", p),
+                   help="a recording for the model (repeatable); a model that cannot hear gets its transcript")
     s.set_defaults(func=cmd_ask)
 
     s = sub.add_parser("bench", help="benchmarks on the real models (speculative decoding: bench spec)")
@@ -663,9 +741,10 @@ def _add_other_commands(sub) -> None:
     ks = s.add_subparsers(dest="action", required=True)
     m = ks.add_parser("list")
     m.add_argument("--json", action="store_true")
-    m = ks.add_parser("call")
+    m = ks.add_parser("call", help="call a skill: assistant skills call vision.ocr '{\"path\": \"scan.png\"}'")
     m.add_argument("name")
-    m.add_argument("arguments", nargs="?", help="a JSON object")
+    m.add_argument("arguments", nargs="?", help="a JSON object; a relative `path` (or `*_path`) is taken from "
+                                                "this directory")
     m.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_skills)
 

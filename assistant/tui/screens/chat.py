@@ -1,10 +1,10 @@
 """The chat screen: the conversation with the daemon, and the actions on it.
 
-Layout: sessions sidebar | chat (connection banner, messages, attachment line,
+Layout: sessions sidebar | chat (connection banner, messages, attachments line,
 input) | activity panel; the status line and the key footer at the bottom.
 
 The screen owns the conversation's state (the sessions, the current one, the
-reply being streamed, the attachment) and the chat's keys; its actions start
+reply being streamed, the attachments) and the chat's keys; its actions start
 the flows that live beside it, each a module of functions on the screen:
 ``reply_flow`` (send a message, stream the reply, regenerate),
 ``session_flows`` (load, open, create, rename, delete, export sessions),
@@ -67,7 +67,8 @@ class ChatScreen(Screen[None]):
         self.stream: Any = None  # the reply being streamed (client.ChatStream)
         self.busy = False  # a reply (or a regenerate) is under way
         self.last_stats: dict[str, Any] | None = None
-        self.attachment: attachments.Attachment | None = None
+        # files waiting to go with the next message (Ctrl+O adds one, the cancel key drops the last)
+        self.attachments: list[attachments.Attachment] = []
         self._first = dict(initial["session"]) if initial else None
 
     def compose(self) -> ComposeResult:
@@ -143,6 +144,21 @@ class ChatScreen(Screen[None]):
         if panel.has_class("-hidden") and event.get("type") != "chat.finished":
             self.status_bar.set(unseen_events=self.status_bar.unseen_events + 1)
 
+    @property
+    def attachment(self) -> attachments.Attachment | None:
+        """The last attachment waiting for the next message (None: none)."""
+        return self.attachments[-1] if self.attachments else None
+
+    @attachment.setter
+    def attachment(self, att: attachments.Attachment | None) -> None:
+        self.attachments = [] if att is None else [att]
+
+    def model_modalities(self) -> list[str] | None:
+        """What the current model takes ("text", "image", "audio"), when it is loaded and the
+        daemon says; None when the TUI cannot know before sending."""
+        model = self.current_model()
+        return attachments.modalities(self.app.loaded_info.get(model)) if model else None
+
     def current_model(self) -> str | None:
         """The session's model, else the daemon's default, else the model of the last reply."""
         model = (self.session or {}).get("model")
@@ -173,6 +189,8 @@ class ChatScreen(Screen[None]):
         else:
             keep = keep_alive_text(self.app.loaded_info.get(model)) if model else ""
         self.status_bar.set(model=model, backend=backend, keep=keep)
+        if self.attachments:  # what the model takes may have changed: so may the path each file takes
+            self.show_attachment()
 
     # -- running things ---------------------------------------------------------------
 
@@ -216,7 +234,7 @@ class ChatScreen(Screen[None]):
     @on(ChatInput.Submitted)
     def submitted(self, event: ChatInput.Submitted) -> None:
         text = event.text
-        if not text.strip() and self.attachment is None:
+        if not text.strip() and not self.attachments:
             return
         if self.busy:
             self.notify(BUSY, severity="warning")
@@ -228,17 +246,17 @@ class ChatScreen(Screen[None]):
         chat_input.remember(text)
         append_history(self.app.history_file, text)
         chat_input.clear()
-        att, self.attachment = self.attachment, None
+        atts, self.attachments = self.attachments, []
         self.show_attachment()
         self.busy = True
         self.refresh_bindings()
-        self.run_flow(reply_flow.send, text, att, group="chat")
+        self.run_flow(reply_flow.send, text, atts, group="chat")
 
     # -- actions --------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "cancel":  # hidden from the footer while there is nothing to cancel
-            return True if (self.stream is not None or self.attachment is not None) else False
+            return True if (self.stream is not None or self.attachments) else False
         if action == "regenerate":  # shown, disabled, while a reply is coming
             return None if self.busy else True
         return True
@@ -248,10 +266,11 @@ class ChatScreen(Screen[None]):
             stream = self.stream
             self.status_bar.set(busy="cancelling…")
             self.guarded(stream.cancel(), "Cancel failed: ")
-        elif self.attachment is not None:
-            self.attachment = None
+        elif self.attachments:
+            removed = self.attachments.pop()
             self.show_attachment()
-            self.notify("Attachment removed.")
+            self.refresh_bindings()
+            self.notify(f"Attachment removed: {removed.label}.")
 
     def action_regenerate(self) -> None:
         if self.busy:
@@ -278,14 +297,19 @@ class ChatScreen(Screen[None]):
         self.run_flow(attach_flow.attach)
 
     def show_attachment(self) -> None:
-        """The line above the input that names the attachment (hidden when there is none)."""
+        """The line above the input that names the attachments and how the model will get each
+        (read by the model, OCR text, transcript, refused), hidden when there is none."""
         bar = self.query_one("#attachment", Static)
-        if self.attachment is None:
+        if not self.attachments:
             bar.update("")
             bar.remove_class("-shown")
-        else:
-            bar.update(f"Attached: {self.attachment.label}  ({display_key(self.keys['cancel'])} removes it)")
-            bar.add_class("-shown")
+            return
+        mods = self.model_modalities()
+        shown = " · ".join(f"{a.label} ({attachments.expected_path(a.kind, mods, self.app.skills)})"
+                           for a in self.attachments)
+        last = "it" if len(self.attachments) == 1 else "the last"
+        bar.update(f"Attached: {shown}  ({display_key(self.keys['cancel'])} removes {last})")
+        bar.add_class("-shown")
 
     def action_new_session(self) -> None:
         if self.busy:

@@ -2,24 +2,27 @@
 
 :func:`send` runs in a worker of the chat screen (group ``chat``), started
 by Enter in the input (``ChatScreen.submitted``) or by :func:`regenerate`.
-An attachment goes to its skill first, and what the skill made of the file
-is sent with the message. The reply streams into a message view at most
+Attachments go with the message as content parts (``attachments.message_content``):
+the daemon gives them to the model natively or as a fallback skill's text, and
+the reply's ``stats.media`` says which; the user's message then says it too
+("image: OCR text"). The reply streams into a message view at most
 ``STREAM_FPS`` times a second; its figures go to the status line, and the
 session gets its title from the first message. A daemon error ends up as an
-error message in the chat, a lost connection as a note on the reply.
+error message in the chat (a refused message keeps its attachments and its
+text, to send again or change), a lost connection as a note on the reply.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from assistant.protocol import ErrorCode, RPCError
 from assistant.tui import attachments
 from assistant.tui.format import session_title, title_from_prompt
 from assistant.tui.keys import display_key
 from assistant.tui.screens import session_flows
-from assistant.tui.widgets.chat import ChatView, MessageView
+from assistant.tui.widgets.chat import ChatInput, ChatView, MessageView
 
 if TYPE_CHECKING:
     from assistant.tui.screens.chat import ChatScreen
@@ -28,8 +31,9 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "ma
 STREAM_FPS = 15
 
 
-def chat_params(session: dict[str, Any], prompt: str) -> dict[str, Any]:
-    """The ``chat`` request for ``prompt`` in ``session``: its sampling settings and drafter."""
+def chat_params(session: dict[str, Any], prompt: str | list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``chat`` request for ``prompt`` (text, or content parts) in ``session``: its
+    sampling settings and drafter."""
     settings = session.get("settings") or {}
     params: dict[str, Any] = {"prompt": prompt, "session": session["id"]}
     for key in SAMPLING_KEYS:
@@ -40,10 +44,16 @@ def chat_params(session: dict[str, Any], prompt: str) -> dict[str, Any]:
     return params
 
 
-async def send(screen: "ChatScreen", prompt: str, att: attachments.Attachment | None = None,
+async def send(screen: "ChatScreen", prompt: str | list[dict[str, Any]],
+               atts: Sequence[attachments.Attachment] | attachments.Attachment | None = None,
                show_user: bool = True) -> None:
-    """Send ``prompt`` (with what a skill made of ``att``) and stream the reply into the chat.
-    The caller has set ``screen.busy``; this clears it when the reply is over."""
+    """Send ``prompt`` (text, or a message's content parts) with ``atts`` and stream the reply
+    into the chat. The caller has set ``screen.busy``; this clears it when the reply is over."""
+    atts = [atts] if isinstance(atts, attachments.Attachment) else list(atts or [])
+    text = prompt if isinstance(prompt, str) else attachments.content_text(
+        [p for p in prompt if isinstance(p, dict) and p.get("type") == "text"])
+    content = attachments.message_content(prompt, atts) if isinstance(prompt, str) else prompt
+    kinds = attachments.content_kinds(content)
     chat = screen.query_one(ChatView)
     client = screen.client
     view: MessageView | None = None
@@ -51,20 +61,29 @@ async def send(screen: "ChatScreen", prompt: str, att: attachments.Attachment | 
     try:
         chat.anchor()
         if show_user:
-            shown = prompt if att is None else (prompt + ("\n" if prompt else "") + f"[attached {att.label}]")
-            user_view = await chat.add(MessageView("user", shown))
-        sent = prompt if att is None else await _read_attachment(screen, client, att, prompt)
-        if sent is None:
-            return
+            user_view = await chat.add(MessageView("user", content))
         view = await chat.add(MessageView("assistant", "", model=screen.current_model()))
-        result = await _stream_reply(screen, client, view, sent)
-        await _reply_done(screen, client, result, view, user_view, prompt)
+        result = await _stream_reply(screen, client, view, content, atts)
+        title = text or " ".join(a.label for a in atts) or attachments.content_text(content)
+        await _reply_done(screen, client, result, view, user_view, title)
+        if user_view is not None and kinds:
+            user_view.set_note(attachments.media_note(kinds, (result.get("stats") or {}).get("media")))
     except RPCError as exc:
+        replied = view is not None and bool(view.text)
         if view is not None:
             await view.end_stream()
             if not view.text:
                 await view.remove()
-        await chat.add(MessageView("error", exc.message))
+        if atts and not replied:
+            # Refused (a medium the model cannot take, a file the daemon cannot read, busy...):
+            # nothing of it was kept, so the files and the words wait to be sent again or changed.
+            _keep_for_retry(screen, text, atts)
+            if user_view is not None:
+                user_view.set_note("not sent")
+            await chat.add(MessageView("error", f"{exc.message}\n(The attachment is kept: send again, or press "
+                                                f"{display_key(screen.keys['cancel'])} to remove it.)"))
+        else:
+            await chat.add(MessageView("error", exc.message))
     except ConnectionError:
         if view is not None:
             await view.end_stream()
@@ -78,29 +97,36 @@ async def send(screen: "ChatScreen", prompt: str, att: attachments.Attachment | 
         screen.refresh_bindings()
 
 
-async def _read_attachment(screen: "ChatScreen", client: Any, att: attachments.Attachment,
-                           prompt: str) -> str | None:
-    """The message with the skill's reading of the file; None (and an error in the chat) if it failed."""
-    screen.status_bar.set(busy=f"{att.skill['name']} is reading {att.path.name}…")
-    try:
-        res = await client.call("skills.call", {"name": att.skill["name"],
-                                                "arguments": attachments.skill_arguments(att, prompt)})
-    except RPCError as exc:
-        await screen.query_one(ChatView).add(MessageView(
-            "error", f"{att.skill['name']} could not read {att.path.name}: {exc.message}"))
-        return None
-    return attachments.message_with_result(att, prompt, res.get("result"))
+def _keep_for_retry(screen: "ChatScreen", text: str, atts: list[attachments.Attachment]) -> None:
+    """Put a refused message's attachments back (before any attached since) and its words
+    back in the input when the user has not started another message."""
+    screen.attachments[:0] = atts
+    screen.show_attachment()
+    chat_input = screen.query_one(ChatInput)
+    if not chat_input.text.strip() and text.strip():
+        chat_input.text = text
+        chat_input.move_cursor(chat_input.document.end)
 
 
-async def _stream_reply(screen: "ChatScreen", client: Any, view: MessageView, prompt: str) -> dict[str, Any]:
+async def _stream_reply(screen: "ChatScreen", client: Any, view: MessageView, prompt: str | list[dict[str, Any]],
+                        atts: Sequence[attachments.Attachment] = ()) -> dict[str, Any]:
     """Stream the reply to ``prompt`` into ``view`` (the cancel key can stop it); the daemon's result."""
-    screen.status_bar.set(busy=f"generating… ({display_key(screen.keys['cancel'])} cancels)")
+    cancel = f"{display_key(screen.keys['cancel'])} cancels"
+    if atts:  # the daemon reads the files (or has them read) before the first token
+        names = ", ".join(a.name for a in atts)
+        screen.status_bar.set(busy=f"sending {names}… ({cancel})")
+    else:
+        screen.status_bar.set(busy=f"generating… ({cancel})")
     stream = await client.chat(**chat_params(screen.session, prompt))
     screen.stream = stream
     screen.refresh_bindings()
     view.start_stream()
     # chunks(): every delta that arrived while the screen was repainting, in one piece
+    first = True
     async for delta in (stream.chunks() if hasattr(stream, "chunks") else stream):
+        if first and atts:
+            screen.status_bar.set(busy=f"generating… ({cancel})")
+        first = False
         await view.write(delta)
         # At most ~STREAM_FPS repaints a second: what arrives meanwhile joins the next chunk,
         # so a fast model costs fewer layouts and the screen never falls behind.
@@ -166,4 +192,6 @@ async def regenerate(screen: "ChatScreen") -> None:
         return
     screen.busy = True
     screen.refresh_bindings()
-    screen.run_flow(send, last["content"], group="chat")
+    # A message with media is sent again with its parts (its media named by sha256: the daemon
+    # keeps them), not just its text.
+    screen.run_flow(send, last.get("parts") or last["content"], group="chat")

@@ -64,7 +64,8 @@ def take(screen: "ChatScreen", data: dict[str, Any]) -> list[MessageView]:
     for m in messages[-SHOWN_MESSAGES:]:
         if m["role"] not in ("user", "assistant"):
             continue
-        views.append(MessageView(m["role"], m["content"], message_id=m["id"], status=m.get("status", "complete"),
+        # a message with media: its parts, so the view names each image or recording
+        views.append(MessageView(m["role"], m.get("parts") or m["content"], message_id=m["id"], status=m.get("status", "complete"),
                                  model=(m.get("stats") or {}).get("model")))
         if m["role"] == "assistant" and m.get("stats"):
             screen.last_stats = m["stats"]

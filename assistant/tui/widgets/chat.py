@@ -12,6 +12,8 @@ from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Static, TextArea
 
+from assistant.tui.attachments import content_text
+
 if TYPE_CHECKING:  # Markdown (markdown-it, pygments) is imported when the first reply is shown
     from textual.widgets.markdown import MarkdownStream
 
@@ -20,16 +22,21 @@ ROLE_LABEL = {"user": "You", "assistant": "Assistant", "system": "System", "erro
 
 
 class MessageView(Vertical, can_focus=True):
-    """One message. Focus it (click, or Tab) and press the copy key to copy it."""
+    """One message. Focus it (click, or Tab) and press the copy key to copy it.
+
+    ``text`` may be a message's content parts (a list, as sent or as the session keeps
+    them): the view shows their text and a line naming each image or audio file."""
 
     BINDINGS = [Binding("alt+c", "screen.copy", "Copy message", id="copy")]  # the chat screen copies
 
-    def __init__(self, role: str, text: str = "", *, message_id: int | None = None, note: str = "",
+    def __init__(self, role: str, text: str | list[Any] = "", *, message_id: int | None = None, note: str = "",
                  model: str | None = None, status: str = "complete", **kwargs: Any):
         classes = f"message -{role}" + (" -cancelled" if status == "cancelled" else "")
         super().__init__(classes=classes, **kwargs)
         self.role = role
-        self.text = text
+        # the content as given (a string, or parts with their media)
+        self.content: str | list[Any] = text
+        self.text = text if isinstance(text, str) else content_text(text)
         self.message_id = message_id
         self.model = model
         self.note = note or ("cancelled" if status == "cancelled" else "")
