@@ -11,8 +11,15 @@ the client from sending the request to the first text; tokens/s is the
 tokens after the first over the time after the first (the server's pieces,
 one per token on llama.cpp's servers).
 
-    .venv/bin/python bench/remote_overhead.py [--rounds 5] [--tokens 200]
+    .venv/bin/python bench/remote_overhead.py [--rounds 5] [--tokens 200] [--server-cpus 0]
     .venv/bin/python bench/remote_overhead.py --url http://gpu-box:8000/v1 --served-model smol
+
+``--server-cpus 0`` pins the server to those CPUs (its threads: one per CPU) and
+this script, its daemon and the direct client to the others, as when the server
+is another machine: on one small machine the daemon's own CPU (parsing the
+server's events, sending ours) would otherwise be taken from the server's
+decode, which says how crowded the machine is, not what the remote backend adds.
+Without it everything shares every CPU.
 
 Goal (issue 13): throughput >= 0.97x of direct, under 20 ms added to the first token.
 """
@@ -107,10 +114,13 @@ def _start_server(args) -> tuple[str, str, subprocess.Popen | None]:
         return args.url.rstrip("/"), args.served_model, None
     port = _free_port()
     smol = resolve_model("smollm2-135m").path
+    cpus = args.server_cpus
+    threads = len(cpus) if cpus else args.threads
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(smol), "--model_alias", "smol",
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.context),
-                             "--n_threads", str(args.threads), "--flash_attn", "true"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--n_threads", str(threads), "--flash_attn", "true"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin)
     return f"http://127.0.0.1:{port}/v1", "smol", proc
 
 
@@ -137,7 +147,14 @@ def main() -> int:
     ap.add_argument("--url", help="an OpenAI-compatible server already running (its base URL, .../v1)")
     ap.add_argument("--served-model", default="smol", help="the model's name on --url's server")
     ap.add_argument("--api-key-env", help="the environment variable holding --url's API key")
+    ap.add_argument("--server-cpus", type=lambda v: {int(c) for c in v.split(",")}, default=None,
+                    help="pin the server to these CPUs (comma-separated) and everything else to the rest")
     args = ap.parse_args()
+    if args.server_cpus:
+        rest = set(os.sched_getaffinity(0)) - args.server_cpus
+        if not rest:
+            raise SystemExit("--server-cpus leaves no CPU for the daemon and the client")
+        os.sched_setaffinity(0, rest)  # the daemon (started below) inherits it
 
     url, served, server = _start_server(args)
     key = os.environ.get(args.api_key_env) if args.api_key_env else None
@@ -172,7 +189,8 @@ def main() -> int:
             d_rows.append(await daemon_run(client, args.tokens))
         await session.close()
         await client.close()
-        report(f"server {url} ({served})", x_rows, d_rows)
+        where = f", server on CPUs {sorted(args.server_cpus)}, the rest elsewhere" if args.server_cpus else ""
+        report(f"server {url} ({served}){where}", x_rows, d_rows)
         return 0
 
     try:
