@@ -280,6 +280,53 @@ def test_ngram_lookup_prefers_the_longest_and_latest_match():
     assert seq[e] == 30 and length == 30 and match_class(length) == "ngram:16+"
 
 
+def test_ngram_candidates_compete_on_context_and_drafts_stop_at_end_of_generation():
+    # "7 8" occurs twice; the earlier occurrence has the longer context (5 6 7 8):
+    # it wins over the most recent one.
+    toks = [5, 6, 7, 8, 1, 2, 9, 7, 8, 3, 4, 5, 6, 7, 8]
+    d = S.NgramDrafter(2, 2)
+    d.begin(toks)
+    e, length = d.lookup(toks)
+    assert toks[e] == 1 and length == 4
+    # A draft ends after the model's end-of-generation token (the end of a message).
+    d = S.NgramDrafter(2, 4, stop_ids=[0])
+    toks = [3, 4, 5, 0, 9, 9, 3, 4]
+    d.begin(toks)
+    draft = d.propose(toks, lambda cls, available: available)
+    assert draft.tokens == [5, 0]
+    # The reply repeating its last few tokens drafts the same period on.
+    d = S.NgramDrafter(2, 4)
+    toks = [1, 2, 3, 1, 2, 3, 1, 2]
+    d.begin(toks[:1])
+    toks = [1] + toks[1:]
+    d._n_prompt = 1
+    draft = d.propose(toks, lambda cls, available: min(available, 7))
+    assert draft.tokens == [3, 1, 2, 3, 1, 2, 3]
+
+
+def test_a_long_copy_gets_long_drafts_and_identity_holds():
+    """The reply copies 200 tokens of the prompt: once the copy has gone on, the
+    drafts run long (up to the exact-batch limit, 49 here), not a few tokens at a
+    time, and the text is plain decoding's."""
+    b = cycle_backend(vocab=250)
+    prompt = list(range(250)) + list(range(12))
+    plain = generate(b, prompt, GREEDY, max_tokens=200)
+    cm = S.CostModel()
+    cm.step = 0.010
+    for n in (2, 4, 8, 16, 32, 48):
+        cm.observe_verify(n, 0.010 * (1 + 0.3 * (n - 1)))
+    cm.exact_batch, cm.calibrated_to = 49, 50
+    b.truncate(0)
+    b.calls.clear()
+    spec = generate(b, prompt, GREEDY, max_tokens=200,
+                    speculative=S.SpeculativeEngine(S.NgramDrafter(), costs=cm))
+    assert spec.tokens == plain.tokens
+    assert spec.stats.accepted == spec.stats.drafted > 150
+    assert max(b.calls[1:]) >= 33, b.calls  # longer than the old 32-token cap
+    assert max(b.calls[1:]) <= 49  # never past the exact batch
+    assert len(b.calls) <= 12, b.calls
+
+
 def test_greedy_identity_on_a_copying_backend_and_fewer_forward_calls():
     b = cycle_backend(vocab=50)
     prompt = list(range(50)) + list(range(10))

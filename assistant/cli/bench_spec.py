@@ -274,7 +274,7 @@ def _section(title: str, backend, methods: list[str], prompts: list[str], args: 
     # every engine of the section then shares (and refines) these costs.
     probe = backend.tokenize(ARTICLE, add_bos=False)
     backend.truncate(0)
-    cm = S.calibrate(backend, probe, (args.max_draft or S.DEFAULT_MAX_DRAFT) + 1, store=_calibration_store())
+    cm = S.calibrate(backend, probe, S.MAX_DRAFT_LIMIT + 1, store=_calibration_store())
     rows: list[dict[str, Any]] = []
     for pname in prompts:
         kind, text = PROMPTS[pname]
@@ -319,7 +319,14 @@ def _section(title: str, backend, methods: list[str], prompts: list[str], args: 
                 "foreign_cpu": [None if r["foreign_cpu"] is None else round(r["foreign_cpu"], 3) for r in rs],
                 "reruns": sum(r["retries"] for r in rs),
             })
-    return {"title": title, "rows": rows, "exact_batch": cm.exact_batch,
+    kv = backend.info.choices.get("kv_cache")
+    if cm.exact_batch is not None and cm.exact_batch < cm.calibrated_to:
+        why = (f"batches of 2..{cm.exact_batch} gave logits bit-identical to one-token steps, {cm.calibrated_to} did "
+               f"not (KV cache {kv}); drafts are at most {cm.exact_batch - 1} tokens")
+    else:
+        why = f"every batch size tried (up to {cm.calibrated_to}) was exact (KV cache {kv})"
+    return {"title": title, "rows": rows, "exact_batch": cm.exact_batch, "calibrated_to": cm.calibrated_to,
+            "exact_batch_why": why,
             "step_ms": round(cm.step_cost() * 1000, 2),
             # what a verify batch of n tokens cost in plain steps, as measured over the runs:
             # it bounds what any drafter can gain on this machine
@@ -425,6 +432,7 @@ def _print_table(report: dict[str, Any]) -> None:
         costs = ", ".join(f"{n}: {c}" for n, c in s["verify_cost_steps"].items())
         print(f"== {s['title']}  (exact verify batch {s['exact_batch']}, plain step {s['step_ms']} ms; "
               f"verify batch cost in plain steps by size: {costs})")
+        print(f"   exact-batch limit: {s.get('exact_batch_why', '-')}")
         print(f"{'prompt':<16} {'kind':<6} {'method':<17} {'tok/s':>7} {'ratio':>6} {'accept':>7} "
               f"{'drafted':>8} {'identical':>9} {'tokens':>6} {'other CPU':>9}")
         for r in s["rows"]:

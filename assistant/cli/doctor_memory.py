@@ -16,6 +16,7 @@ from typing import Any
 
 from backends import memory_plan as mp
 
+from assistant.inference.speculative.calibration import DRAFTING_KV_TYPE
 from assistant.machine import hardware
 
 _WIDTH = 18  # the name column
@@ -34,7 +35,7 @@ def memory_section(config, name: str, spec, machine: hardware.Machine, backend: 
     header = read_header(path)
     drafter, notes = _drafter(config, name, spec, backend)
     projector = mp.find_projector(path, header)
-    extra = {"kv_type": "q8_0/f16"} if backend == "llama.cpp" and _drafting(config, name) else {}
+    extra = {"kv_type": DRAFTING_KV_TYPE} if backend == "llama.cpp" and _drafting(config, name) else {}
     options = mp.PlanOptions.for_load(extra, mtp_model=drafter, mmproj=str(projector) if projector else None)
     ctx, why, plan = pick_context_planned(hardware.figures(machine), header, train_ctx=train_ctx,
                                           requested=requested, options=options)

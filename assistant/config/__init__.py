@@ -178,7 +178,7 @@ SPECULATIVE_FIELDS: dict[str, Field] = {
                      "registers. auto uses prompt lookup where the answer copies its input, the draft model "
                      "(if set) elsewhere, else the model's MTP layers (if it has them); a request's draft "
                      "parameter overrides it."),
-    "max_draft": Field("int", 32, "Most tokens drafted per verify step (the engine adapts below it).",
+    "max_draft": Field("int", 64, "Most tokens drafted per verify step (the engine adapts below it).",
                        min=1, max=64),
     "draft_model": Field("str", None, "Draft model for the draft drafter (and auto): an alias or a GGUF path "
                          "with the same tokenizer as the model; null: none.", nullable=True),

@@ -73,8 +73,8 @@ draft model to use are the caller's to say.
 
 from assistant.inference.speculative.auto import AutoDrafter
 from assistant.inference.speculative.cache import rollback
-from assistant.inference.speculative.calibration import (CALIBRATION_CONTEXT, CALIBRATION_FILE, CalibrationStore,
-                                                         calibrate)
+from assistant.inference.speculative.calibration import (CALIBRATION_CONTEXT, CALIBRATION_FILE, DRAFTING_KV_TYPE,
+                                                         CalibrationStore, calibrate)
 from assistant.inference.speculative.controller import PAUSE_MAX, PAUSE_START, PROBE_DRAFT, Controller
 from assistant.inference.speculative.costs import CostModel
 from assistant.inference.speculative.drafter import (DEFAULT_MAX_DRAFT, DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN,
@@ -89,7 +89,7 @@ from assistant.inference.speculative.registry import BUILTIN_DRAFTERS, DrafterRe
 
 __all__ = [
     "AutoDrafter", "BUILTIN_DRAFTERS", "CALIBRATION_CONTEXT", "CALIBRATION_FILE", "CalibrationStore", "Chooser",
-    "Controller", "CostModel", "DEFAULT_MAX_DRAFT", "DEFAULT_NGRAM_MAX", "DEFAULT_NGRAM_MIN", "Draft",
+    "Controller", "CostModel", "DEFAULT_MAX_DRAFT", "DEFAULT_NGRAM_MAX", "DRAFTING_KV_TYPE", "DEFAULT_NGRAM_MIN", "Draft",
     "DraftContext", "DraftModelError", "Drafter", "DrafterError", "DrafterFactory", "DrafterRegistry",
     "MAX_DRAFT_LIMIT", "MODES", "ModelDrafter", "MtpDrafter", "NgramDrafter", "PAUSE_MAX", "PAUSE_START",
     "PROBE_DRAFT", "SpeculativeEngine", "calibrate", "check_draft_pair", "check_max_draft", "check_ngram",

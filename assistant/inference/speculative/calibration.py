@@ -34,6 +34,12 @@ from assistant.inference.speculative.drafter import MAX_DRAFT_LIMIT
 # prompt: 1.0 s at 320, 2.5 s at 600; both find the same limits).
 CALIBRATION_CONTEXT = 320
 
+# The KV cache a llama.cpp model loads with when a drafter is on: with an F16 K
+# cache a one-token step is computed differently from a batch (never exact past
+# 256 tokens of context); with Q8_0 K, SmolLM2-135M Q4_1 is exact for batches of
+# 2..48 (from 64 another matrix kernel runs), which calibration measures.
+DRAFTING_KV_TYPE = "q8_0/f16"
+
 # The file name the daemon gives the store, in the user cache dir.
 CALIBRATION_FILE = "speculative-calibration.json"
 

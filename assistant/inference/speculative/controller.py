@@ -34,6 +34,8 @@ from assistant.inference.speculative.model import ModelDrafter
 
 # Prior acceptance per class: (accepted, tried) pseudo-counts.
 _PRIORS = {
+    "ngram:64+": (4.95, 5.0),
+    "ngram:32+": (4.92, 5.0),
     "ngram:16+": (4.9, 5.0),
     "ngram:8+": (4.5, 5.0),
     "ngram:5+": (3.0, 5.0),
@@ -46,6 +48,13 @@ _PRIORS = {
 }
 _DECAY = 0.9  # old evidence fades: recent drafts count most
 _MEMORY = 20.0  # at most this many tried tokens of evidence per class
+# Long copies (a context of 16+ tokens matched): misses are rare and come at the
+# edits, so one miss must not cut the next drafts to a few tokens (with the short
+# memory above one miss in 40 reads as 94% acceptance, which drafts 8 tokens where
+# the copy goes on for 100): they remember longer.
+_LONG = frozenset({"ngram:16+", "ngram:32+", "ngram:64+"})
+_DECAY_LONG = 0.98
+_MEMORY_LONG = 60.0
 PAUSE_START, PAUSE_MAX = 32, 1024
 PROBE_DRAFT = 4  # tokens drafted to probe a switched-off class
 
@@ -113,11 +122,12 @@ class Controller:
             s = list(_PRIORS.get(cls, (2.0, 5.0)))
             self.stats[cls] = s
         tried = accepted + (1 if accepted < drafted else 0)
-        s[0] = s[0] * _DECAY ** tried + accepted
-        s[1] = s[1] * _DECAY ** tried + tried
-        if s[1] > _MEMORY:  # a long accepted draft must not outweigh the next miss
-            s[0] *= _MEMORY / s[1]
-            s[1] = _MEMORY
+        decay, memory = (_DECAY_LONG, _MEMORY_LONG) if cls in _LONG else (_DECAY, _MEMORY)
+        s[0] = s[0] * decay ** tried + accepted
+        s[1] = s[1] * decay ** tried + tried
+        if s[1] > memory:  # a long accepted draft must not outweigh the next miss
+            s[0] *= memory / s[1]
+            s[1] = memory
         cost_probe = cls in self.cost_probes
         self.cost_probes.discard(cls)
         if cls in self.probe and accepted == drafted and not cost_probe:
@@ -209,15 +219,18 @@ class Controller:
 
     def _best(self, cls: str, k_max: int) -> int:
         a = self.alpha(cls)
-        c1 = self.cost.step_cost()
-        extra = self._token_cost(cls)
+        extra = self._token_cost(cls) / self.cost.step_cost()  # in plain steps
+        # verify_cost(n) / step = max(1, a0 + b (n - 1)), inlined: this runs before
+        # every step that may draft, so no calls per candidate length.
+        a0, b = self.cost.line()
         best_k, best = 0, 1.03  # drafting must beat plain decoding by a margin
         expected = 1.0
         power = 1.0
         for k in range(1, k_max + 1):
             power *= a
             expected += power  # 1 + a + ... + a^k: tokens per verify step
-            gain = expected * c1 / (self.cost.verify_cost(k + 1) + k * extra)
+            steps = a0 + b * k
+            gain = expected / ((steps if steps > 1.0 else 1.0) + k * extra)
             if gain >= best * 0.995 and (best_k or gain > best):  # near-ties go to the longer draft
                 best_k, best = k, max(gain, best)
             if power < 0.02:

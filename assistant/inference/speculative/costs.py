@@ -123,6 +123,10 @@ class CostModel:
         """Estimated seconds per batch size that has been measured."""
         return {n: self.verify_cost(n) for n in sorted(self.ratios)}
 
+    def line(self) -> tuple[float, float]:
+        """(a, b): a verify batch of n tokens costs max(1, a + b (n - 1)) plain steps."""
+        return self._fit if self._fit is not None else self._line()
+
     def _line(self) -> tuple[float, float]:
         """ratio(n) = 1 + b (n - 1): a batch of one token is a plain step; b is
         the least-squares slope over the measured sizes (a free intercept

@@ -14,7 +14,7 @@ from backends.base import Backend
 from assistant.inference.sampling import SamplingParams
 
 MAX_DRAFT_LIMIT = 64  # max_draft is 1..MAX_DRAFT_LIMIT
-DEFAULT_MAX_DRAFT = 32
+DEFAULT_MAX_DRAFT = 64  # the exact-batch limit (calibration) is what caps a verify batch
 DEFAULT_NGRAM_MIN = 2
 DEFAULT_NGRAM_MAX = 8
 MODES = ("auto", "off")  # names that are not drafters

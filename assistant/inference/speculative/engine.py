@@ -17,13 +17,15 @@ from typing import Iterator
 import numpy as np
 
 from backends.base import Backend
+from backends.media import text_only
 
 from assistant.inference.sampling import Sampler
 from assistant.inference.speculative.cache import rollback
 from assistant.inference.speculative.calibration import CalibrationStore, calibrate
 from assistant.inference.speculative.controller import Controller, evidence_key
 from assistant.inference.speculative.costs import CostModel
-from assistant.inference.speculative.drafter import DEFAULT_MAX_DRAFT, Draft, Drafter, check_max_draft
+from assistant.inference.speculative.drafter import (DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, Draft, Drafter,
+                                                     check_max_draft)
 from assistant.inference.stats import VerifyStats
 
 
@@ -232,7 +234,11 @@ class _Decode:
     def _calibrated(self, room: int) -> int:
         """Measure the exact verify batch and the costs now; the room left to draft."""
         engine = self.engine
-        calibrate(self.backend, self.history[-64:], min(engine.max_draft + 1, self.n_ctx - self.cache_len),
+        # Calibrated to the largest batch any request may verify (MAX_DRAFT_LIMIT + 1),
+        # not this request's: the limit found is the model's, kept for every later
+        # request (and said by `assistant bench spec`), whatever its max_draft.
+        # The probe is text only: a medium's placeholder ids are positions, not tokens to evaluate.
+        calibrate(self.backend, text_only(self.history[-64:]), min(MAX_DRAFT_LIMIT + 1, self.n_ctx - self.cache_len),
                   costs=self.cost, store=engine.calibration)
         return min(room, (self.cost.exact_batch or 1) - 1) if engine.exact else room
 
@@ -268,11 +274,11 @@ class _Decode:
         """(accepted draft tokens, the next token) by the request's rule."""
         k = len(d)
         if self.fast:
-            preds = rows.argmax(axis=1)
+            preds = rows.argmax(axis=1).tolist()  # Python ints: no numpy scalar per comparison
             m = 0
             while m < k and preds[m] == d[m]:
                 m += 1
-            return m, int(preds[m])
+            return m, preds[m]
         if q is None:
             # Point-mass draft: draw the token plain decoding would draw
             # (same sampler, same random stream) and keep d where they agree.

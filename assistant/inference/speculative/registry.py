@@ -27,8 +27,17 @@ def _model_drafter(ctx: DraftContext) -> ModelDrafter:
     return ModelDrafter(ctx.draft, ctx.target)
 
 
+def _ngram(ctx: DraftContext) -> NgramDrafter:
+    """Prompt lookup; the target's end-of-generation tokens end its drafts."""
+    try:
+        stop = tuple(ctx.target.info.eos_token_ids or ())
+    except Exception:  # noqa: BLE001 - a backend without info drafts without stops
+        stop = ()
+    return NgramDrafter(ctx.ngram_min, ctx.ngram_max, stop_ids=stop)
+
+
 def ngram_factory(ctx: DraftContext) -> Drafter:
-    return NgramDrafter(ctx.ngram_min, ctx.ngram_max)
+    return _ngram(ctx)
 
 
 def draft_factory(ctx: DraftContext) -> Drafter:
@@ -47,7 +56,7 @@ def auto_factory(ctx: DraftContext) -> Drafter:
         model = _model_drafter(ctx)
     elif mtp_support(ctx.target)[0]:
         model = MtpDrafter(ctx.target)
-    return AutoDrafter(NgramDrafter(ctx.ngram_min, ctx.ngram_max), model)
+    return AutoDrafter(_ngram(ctx), model)
 
 
 # Read-only: a registry is an object the daemon owns, not this module's state.
