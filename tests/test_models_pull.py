@@ -529,7 +529,11 @@ def test_cli_interrupted_pull_keeps_the_partial_and_the_same_command_resumes(hub
     models = tmp_path / "models"
     cfg = _config(tmp_path, models)
     cmd = [sys.executable, "-m", "assistant", "--config", str(cfg), "models", "pull", url]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: SIGINT at its default in the child, whatever the test run
+    # inherited (a run started in the background, `nohup ... &`, has SIGINT ignored, and
+    # an ignored signal stays ignored across exec).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     part = models / "t" / "t.gguf.part"
     deadline = time.monotonic() + 60
     while not (part.exists() and part.stat().st_size == 6000):
