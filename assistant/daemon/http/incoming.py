@@ -115,24 +115,3 @@ def chat_params(fields: dict[str, Any]) -> params.Chat:
         return params.parse(params.Chat, fields)
     except RPCError as exc:  # INVALID_PARAMS, naming the parameter
         raise HttpError(400, exc.message) from None
-
-
-def text_content(value: Any, where: str) -> str:
-    """A message's content as text: a string, null, or OpenAI's content parts of type text."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts = []
-        for i, part in enumerate(value):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif isinstance(kind, str):
-                raise HttpError(400, f"'{where}[{i}]': content parts of type {kind!r} are not supported yet "
-                                     "(text only)", param=where)
-            else:
-                raise bad_request(f"'{where}[{i}]' must be {{type: text, text: ...}}", param=where)
-        return "\n".join(texts)
-    raise bad_request(f"'{where}' must be a string or a list of content parts", param=where)

@@ -46,8 +46,8 @@ class PluginsScreen(ModalScreen[None]):
                 desc = (s.get("description") or "").strip().splitlines()
                 skills.add_row(s.get("name", "?"), s.get("plugin", "?"), desc[0] if desc else "")
             yield skills
-            yield Static("Images go to vision.* skills and audio to audio.* skills when you attach a file "
-                         "(Ctrl+O). Esc closes.", classes="dialog-hint", markup=False)
+            yield Static("An attached image or recording (Ctrl+O) goes to the model when it reads it, else to "
+                         "vision.ocr / audio.transcribe. Esc closes.", classes="dialog-hint", markup=False)
 
     def action_close(self) -> None:
         self.dismiss(None)
