@@ -88,6 +88,17 @@ def _medium(kind: str, path: Path) -> MediaInput:
 # fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _offline():
+    """No model hub here (nor on CI): transformers and huggingface_hub, which mlx-vlm's
+    processor goes through, read only the folder the test wrote, and fail at once
+    rather than wait on a network they would otherwise try."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return write_media_target(tmp_path_factory.mktemp("mlx-media") / "gemma-4-tiny-av")
@@ -126,7 +137,7 @@ def _reference_for(folder: Path):
     model.set_dtype(mx.float32)
     with warnings.catch_warnings():  # transformers' mel filter bank: "At least one mel filter has all zero values"
         warnings.simplefilter("ignore")
-        return model, Gemma4Processor.from_pretrained(str(folder))
+        return model, Gemma4Processor.from_pretrained(str(folder), local_files_only=True)
 
 
 def _reference_inputs(processor, text: str, kinds: list[str], paths: list[Path]):
