@@ -83,7 +83,7 @@ from .llamacpp_mtp_assistant import AssistantContext
 from .llamacpp_native import LOG_TAIL, library_availability, llama_said, logits_ith
 from .llamacpp_native import llama as _llama  # assistant/cli/bench_spec.py imports it from here
 from .llamacpp_vocab import LlamaVocab
-from .media import MediaInput, MediaPrompt, MediaSpan
+from .media import CachedMedia, MediaInput, MediaPrompt, MediaSpan
 
 __all__ = ["LlamaCppBackend"]
 
@@ -108,7 +108,7 @@ class LlamaCppBackend(Backend):
         self._mtp_why = "no model is loaded"
         self._embedder: Embedder | None = None  # the embedding context, made by the first embed()
         self._media: MediaContext | None = None  # the projector's libmtmd context (images, audio)
-        self._spans: list[tuple[int, int]] = []  # [start, end) of each medium in the cache, in order
+        self._spans = CachedMedia()  # where the media in the cache are
 
     # -- availability --------------------------------------------------------
 
@@ -175,7 +175,7 @@ class LlamaCppBackend(Backend):
         self._info = loaded.info
         self._tokens = []
         self._media = loaded.media
-        self._spans = []
+        self._spans.clear()
 
     def unload(self) -> None:
         """Free the model, its contexts and its cache (nothing happens when none is loaded)."""
@@ -185,7 +185,7 @@ class LlamaCppBackend(Backend):
         self._mtp = None
         self._mtp_why = "no model is loaded"
         self._media = None
-        self._spans = []
+        self._spans.clear()
         if self._embedder is not None:
             self._embedder.free()
             self._embedder = None
@@ -378,7 +378,7 @@ class LlamaCppBackend(Backend):
             self._tokens = []
         else:
             del self._tokens[n0:]
-        self._keep_spans(len(self._tokens))
+        self._spans.keep(len(self._tokens))
         if self._mtp is not None:
             self._mtp.cut(len(self._tokens))
         if rc == 1:
@@ -402,10 +402,7 @@ class LlamaCppBackend(Backend):
             raise ValueError("truncate(n) needs n >= 0")
         if n >= len(self._tokens):
             return
-        for start, end in self._spans:
-            if start < n < end:
-                n = start
-                break
+        n = self._spans.cut_point(n)
         ok = self._seq_rm(self._mem, 0, n, -1)
         if ok and n > 0 and self._n_swa > 0 and not self._swa_full:
             pos_min = self._seq_pos_min(self._mem, 0)
@@ -416,14 +413,9 @@ class LlamaCppBackend(Backend):
             n = 0
         else:
             del self._tokens[n:]
-        self._keep_spans(n)
+        self._spans.keep(n)
         if self._mtp is not None:
             self._mtp.cut(n)
-
-    def _keep_spans(self, n: int) -> None:
-        """The cache was cut to ``n`` tokens: forget the media past it."""
-        if self._spans and self._spans[-1][1] > n:
-            self._spans = [(s, e) for s, e in self._spans if e <= n]
 
     # -- media (images, audio) through the projector (llamacpp_media) ---------------
 
@@ -501,7 +493,7 @@ class LlamaCppBackend(Backend):
             raise
         span.encode_ms = round((time.perf_counter() - t0) * 1000, 2)
         self._tokens.extend([span.placeholder] * span.length)
-        self._spans.append((n0, n0 + span.length))
+        self._spans.add(n0, n0 + span.length)
         if self._mtp is not None and self._mtp.kind == "assistant":
             # the target's last decode was the medium's, with no hidden rows kept
             self._mtp.keep_hidden(n0, span.length, [])
@@ -513,7 +505,7 @@ class LlamaCppBackend(Backend):
             self._tokens = []
         else:
             del self._tokens[n0:]
-        self._keep_spans(len(self._tokens))
+        self._spans.keep(len(self._tokens))
         if self._mtp is not None:
             self._mtp.cut(len(self._tokens))
 

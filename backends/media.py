@@ -20,7 +20,7 @@ medium (``MediaPrompt.safe_prefix``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 MEDIA_KINDS = ("image", "audio")
 
@@ -84,10 +84,7 @@ class MediaPrompt:
     def safe_prefix(self, n: int) -> int:
         """The largest cut at or below ``n`` that is not inside a medium: a
         cache can keep a whole medium or none of it."""
-        for span in self.spans:
-            if span.start < n < span.end:
-                return span.start
-        return n
+        return _cut_point(((sp.start, sp.end) for sp in self.spans), n)
 
     def span_at(self, pos: int) -> MediaSpan | None:
         """The span starting at ``pos``, if any."""
@@ -95,6 +92,41 @@ class MediaPrompt:
             if span.start == pos:
                 return span
         return None
+
+
+class CachedMedia:
+    """Where the media in a backend's KV cache are, one ``[start, end)`` per medium
+    in order: the bookkeeping behind "a cache holds a whole medium or none of it"
+    that every backend with ``forward_media`` keeps the same way."""
+
+    def __init__(self) -> None:
+        self._spans: list[tuple[int, int]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._spans)
+
+    def add(self, start: int, end: int) -> None:
+        """A medium now takes positions ``start``..``end - 1`` of the cache."""
+        self._spans.append((start, end))
+
+    def cut_point(self, n: int) -> int:
+        """Where a cut to ``n`` tokens must be made instead: a medium's start, if inside one."""
+        return _cut_point(self._spans, n)
+
+    def keep(self, n: int) -> None:
+        """The cache was cut to ``n`` tokens: forget the media past it."""
+        if self._spans and self._spans[-1][1] > n:
+            self._spans = [(s, e) for s, e in self._spans if e <= n]
+
+    def clear(self) -> None:
+        self._spans = []
+
+
+def _cut_point(spans: Iterable[tuple[int, int]], n: int) -> int:
+    for start, end in spans:
+        if start < n < end:
+            return start
+    return n
 
 
 def text_only(tokens: Sequence[int]) -> list[int]:

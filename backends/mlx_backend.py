@@ -76,7 +76,7 @@ from .base import (
 )
 from .forward_args import logit_rows, overflow_error
 from .gguf import GGUF_MAGIC
-from .media import MediaInput, MediaPrompt, MediaSpan
+from .media import CachedMedia, MediaInput, MediaPrompt, MediaSpan
 from .mlx_folder import arch_module, check_folder, folder_size, folder_summary, load_folder
 from .mlx_gguf import GGUF_ARCHITECTURES, GGUF_TENSOR_TYPES, check_gguf, load_gguf
 from .mlx_native import INSTALL_HINT, import_mlx, installed_version, runs_on_gpu, spec_found
@@ -151,7 +151,7 @@ class MLXBackend(Backend):
         self._mtp: mlx_mtp.MlxAssistant | None = None  # Gemma 4's assistant drafter, when one is loaded
         self._mtp_why = "no model is loaded"
         self._towers: mlx_media.Towers | None = None  # Gemma 4's vision/audio towers, when the folder has them
-        self._spans: list[tuple[int, int]] = []  # (start, end) of each medium in the cache: never cut inside
+        self._spans = CachedMedia()  # where the media in the cache are: never cut inside one
         self._embeds: OrderedDict[str, Any] = OrderedDict()  # sha256 -> soft-token embeddings (_EMBED_CACHE_BYTES)
 
     # -- availability --------------------------------------------------------
@@ -223,7 +223,8 @@ class MLXBackend(Backend):
         self._n_batch = max(1, int(options.n_batch or DEFAULT_N_BATCH))
         self._vocab = int(_vocab_size(model, tok))
         self._cache = self._new_cache()
-        self._tokens, self._spans = [], []
+        self._tokens = []
+        self._spans.clear()
         self._towers, choices["media"] = _load_towers(p, kind, model, dtype_name)
         try:
             self._mtp, self._mtp_why = _load_assistant(model, options.mtp_model, dtype_name, choices)
@@ -257,7 +258,8 @@ class MLXBackend(Backend):
         self._model = self._cache = self._tok = self._template = self._mtp = self._towers = None
         self._mtp_why = "no model is loaded"
         self._info = None
-        self._tokens, self._spans = [], []
+        self._tokens = []
+        self._spans.clear()
         self._embeds.clear()
         try:
             import mlx.core as mx
@@ -411,7 +413,7 @@ class MLXBackend(Backend):
             raise BackendError(f"MLX forward of {_media_name(span.media)} failed: {type(exc).__name__}: {exc}") \
                 from exc
         self._tokens.extend([span.placeholder] * n)
-        self._spans.append((n0, n0 + n))
+        self._spans.add(n0, n0 + n)
 
     def _remember(self, sha256: str, embeddings: Any) -> None:
         """Keep ``embeddings`` by content hash, the least recently used dropped past _EMBED_CACHE_BYTES."""
@@ -499,12 +501,13 @@ class MLXBackend(Backend):
                     if extra > 0:
                         c.trim(extra)
                 del self._tokens[n0:]
-                self._spans = [s for s in self._spans if s[1] <= n0]
+                self._spans.keep(n0)
                 return
         except Exception:  # noqa: BLE001
             pass
         self._cache = self._new_cache()
-        self._tokens, self._spans = [], []
+        self._tokens = []
+        self._spans.clear()
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` cached tokens. A cut inside a medium keeps none
@@ -514,9 +517,7 @@ class MLXBackend(Backend):
         self._require()
         if n < 0:
             raise ValueError("truncate(n) needs n >= 0")
-        for start, end in self._spans:
-            if start < n < end:
-                n = start
+        n = self._spans.cut_point(n)
         k = len(self._tokens) - n
         if k <= 0:
             return
@@ -524,10 +525,11 @@ class MLXBackend(Backend):
             for c in self._cache:
                 c.trim(k)
             del self._tokens[n:]
-            self._spans = [s for s in self._spans if s[1] <= n]
+            self._spans.keep(n)
         else:
             self._cache = self._new_cache()
-            self._tokens, self._spans = [], []
+            self._tokens = []
+            self._spans.clear()
 
 
 # ---------------------------------------------------------------------------

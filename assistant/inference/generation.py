@@ -116,10 +116,11 @@ def prefill(backend: Backend, prompt: Sequence[int] | MediaPrompt, cancel: threa
 def _prefill(backend: Backend, prompt: Sequence[int] | MediaPrompt,
              cancel: threading.Event | None) -> tuple[np.ndarray | None, int, list[MediaSpan]]:
     """:func:`prefill`, and the media it evaluated (those reused from the cache are not)."""
+    media = prompt if isinstance(prompt, MediaPrompt) else None
     spans: list[MediaSpan] = []
-    if isinstance(prompt, MediaPrompt):
-        spans = sorted(prompt.spans, key=lambda sp: sp.start)
-        prompt = prompt.tokens
+    if media is not None:
+        spans = sorted(media.spans, key=lambda sp: sp.start)
+        prompt = media.tokens
         if spans and spans[-1].end >= len(prompt):
             raise MediaError("a prompt cannot end in a medium: the reply is prompted by text after it")
     n_ctx = backend.info.context_length
@@ -131,10 +132,8 @@ def _prefill(backend: Backend, prompt: Sequence[int] | MediaPrompt,
             available=n_ctx,
         )
     reused = min(common_prefix(backend.cached_tokens, prompt), len(prompt) - 1)
-    for span in spans:  # a cache keeps a whole medium or none of it
-        if span.start < reused < span.end:
-            reused = span.start
-            break
+    if media is not None:  # a cache keeps a whole medium or none of it
+        reused = media.safe_prefix(reused)
     backend.truncate(reused)
     reused = min(reused, len(backend.cached_tokens))  # a cache that could not be cut there was cleared
     pos = reused
