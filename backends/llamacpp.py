@@ -373,14 +373,7 @@ class LlamaCppBackend(Backend):
         """Roll the cache back to before this forward() and raise."""
         said = llama_said()
         LOG_TAIL.clear()
-        if not self._seq_rm(self._mem, 0, n0, -1):
-            self._mem_clear(self._mem, True)
-            self._tokens = []
-        else:
-            del self._tokens[n0:]
-        self._spans.keep(len(self._tokens))
-        if self._mtp is not None:
-            self._mtp.cut(len(self._tokens))
+        self._roll_back(n0)
         if rc == 1:
             raise ContextOverflowError(
                 f"llama.cpp found no room in the KV cache for {n} more tokens", needed=n0 + n, available=self._n_ctx
@@ -487,7 +480,7 @@ class LlamaCppBackend(Backend):
                 raise BackendError(f"libmtmd placed the {tok.kind} at positions {n0}..{end}, expected "
                                    f"{span.length} of them")
         except BaseException as exc:
-            self._media_failed(n0)
+            self._roll_back(n0)
             if isinstance(exc, NoRoom):
                 raise ContextOverflowError(str(exc), needed=n0 + need, available=self._n_ctx) from None
             raise
@@ -498,8 +491,9 @@ class LlamaCppBackend(Backend):
             # the target's last decode was the medium's, with no hidden rows kept
             self._mtp.keep_hidden(n0, span.length, [])
 
-    def _media_failed(self, n0: int) -> None:
-        """Roll the cache back to ``n0`` tokens after a medium failed to evaluate."""
+    def _roll_back(self, n0: int) -> None:
+        """The cache back to its first ``n0`` tokens after a decode (of tokens or of a
+        medium) failed: cleared where llama.cpp cannot cut there."""
         if not self._seq_rm(self._mem, 0, n0, -1):
             self._mem_clear(self._mem, True)
             self._tokens = []

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import siblings
 from .base import ModelLoadError
 from .gguf import GGUFHeader, read_header
 
@@ -169,32 +170,9 @@ def find_sibling(model_path: str | os.PathLike, *,
                  model_header: GGUFHeader | None = None) -> tuple[str | None, list[str]]:
     """(the first ``mmproj-*.gguf`` beside ``model_path`` that pairs with it, or None;
     one line per candidate saying why it was taken or not). Never raises: a
-    candidate that does not pair, or cannot be read, is a line."""
-    model = Path(os.path.expanduser(str(model_path)))
-    try:
-        if not model.is_file():
-            return None, []
-        candidates = sorted(p for p in model.parent.glob(SIBLING_GLOB) if p.resolve() != model.resolve())
-    except OSError as exc:
-        return None, [f"cannot list {model.parent}: {exc.strerror or exc}"]
-    if not candidates:
-        return None, []
-    try:
-        header = model_header if model_header is not None else _header(model, "model file")
-    except ModelLoadError as exc:
-        return None, [f"not looked at the mmproj-*.gguf files beside it: {exc}"]
-    found, lines = None, []
-    for cand in candidates:
-        try:
-            pairing = _pairing(header, _header(cand, "projector"))
-        except ModelLoadError as exc:
-            lines.append(f"{cand.name}: ignored: {exc}")
-            continue
-        if not pairing.ok:
-            lines.append(f"{cand.name}: ignored: does not pair: " + "; ".join(pairing.differences))
-        elif found is None:
-            found = str(cand)
-            lines.append(f"{cand.name}: taken: pairs with {model.name} ({', '.join(pairing.kinds)})")
-        else:
-            lines.append(f"{cand.name}: pairs too, not taken: {Path(found).name} was found first")
-    return found, lines
+    candidate that does not pair, or cannot be read, is a line (``siblings.find_sibling``)."""
+    return siblings.find_sibling(
+        model_path, SIBLING_GLOB,
+        read_model=lambda model: model_header if model_header is not None else _header(model, "model file"),
+        pair=lambda header, cand: _pairing(header, _header(cand, "projector")),
+        why=lambda pairing: ", ".join(pairing.kinds))

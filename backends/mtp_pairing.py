@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import siblings
 from .base import ModelLoadError, MtpPairing
 from .gguf import GGUF_MAGIC, _Reader
 
@@ -231,33 +232,10 @@ def check_assistant(target_path: str | os.PathLike, drafter_path: str | os.PathL
 def find_sibling(target_path: str | os.PathLike) -> tuple[str | None, list[str]]:
     """(the first ``mtp-*.gguf`` beside ``target_path`` that pairs with it, or None;
     one line per candidate saying why it was taken or not). Never raises for
-    a candidate: a sibling that does not pair, or cannot be read, is a line."""
-    target = Path(os.path.expanduser(str(target_path)))
-    if not target.is_file():
-        return None, []
-    lines: list[str] = []
-    try:
-        candidates = sorted(p for p in target.parent.glob(SIBLING_GLOB) if p.resolve() != target.resolve())
-    except OSError as exc:
-        return None, [f"cannot list {target.parent}: {exc.strerror or exc}"]
-    if not candidates:
-        return None, []
-    try:
-        target_meta = read_header(target, what="model file")
-    except ModelLoadError as exc:
-        return None, [f"not looked at the mtp-*.gguf files beside it: {exc}"]
-    found = None
-    for cand in candidates:
-        try:
-            pairing = assistant_pairing(target, cand, target_meta=target_meta)
-        except ModelLoadError as exc:
-            lines.append(f"{cand.name}: ignored: {exc}")
-            continue
-        if not pairing.ok:
-            lines.append(f"{cand.name}: ignored: does not pair: " + "; ".join(pairing.differences))
-        elif found is None:
-            found = str(cand)
-            lines.append(f"{cand.name}: taken: pairs with {target.name} (architecture, hidden size, vocabulary)")
-        else:
-            lines.append(f"{cand.name}: pairs too, not taken: {Path(found).name} was found first")
-    return found, lines
+    a candidate: a sibling that does not pair, or cannot be read, is a line
+    (``siblings.find_sibling``)."""
+    return siblings.find_sibling(
+        target_path, SIBLING_GLOB,
+        read_model=lambda target: read_header(target, what="model file"),
+        pair=lambda meta, cand: assistant_pairing(Path(os.path.expanduser(str(target_path))), cand, target_meta=meta),
+        why=lambda _pairing: "architecture, hidden size, vocabulary")
