@@ -31,7 +31,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
-__all__ = ["PluginContext", "PluginState", "PluginServices", "Migrations"]
+__all__ = ["PluginContext", "PluginState", "PluginServices", "Migrations", "input_file", "size_words"]
 
 T = TypeVar("T")
 
@@ -260,3 +260,43 @@ class PluginContext:
             raise RuntimeError(f"plugin {self.name!r}: the database is not open yet (use it from startup on)")
         return await services.db(getattr(store.plugin_data, what), self.name, *args)
 
+
+def size_words(n: int) -> str:
+    """A size as people read it: "512 bytes", "20 KB", "3.4 MB"."""
+    if n < 1024:
+        return f"{n} bytes"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.0f} KB"
+    return f"{n / (1024 * 1024):.1f} MB"
+
+
+def input_file(path: Any, *, max_bytes: int, what: str, error: type[Exception] = ValueError) -> Path:
+    """The file a skill's ``path`` argument names, checked before the skill reads it:
+    a non-empty string, absolute (``~`` expanded; a relative one would name a file
+    in the daemon's working directory, not the caller's), a regular file (a FIFO or
+    a device would block or never end), not empty, at most ``max_bytes``, readable.
+    Raises ``error`` (a ``ValueError`` is INVALID_PARAMS to the caller) with a
+    sentence naming the path; ``what`` names the kind of file ("image", "audio")."""
+    import stat
+
+    if not isinstance(path, str) or not path:
+        raise error(f"expected the path of an {what} file (a non-empty string), got {path!r}")
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        raise error(f"{path}: give an absolute path (or one starting with ~)")
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: not a regular file")
+    if st.st_size == 0:
+        raise error(f"{path}: the file is empty")
+    if st.st_size > max_bytes:
+        raise error(f"{path}: {size_words(st.st_size)}, over the {size_words(max_bytes)} limit for an {what} "
+                    "file (plugin setting max_bytes)")
+    if not os.access(p, os.R_OK):
+        raise error(f"{path}: permission denied")
+    return p

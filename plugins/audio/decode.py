@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from assistant import plugin_api
+
 SAMPLE_RATE = 16000  # what Whisper takes
 MAX_BYTES = 2 * 1024 ** 3
 MAX_SECONDS = 3 * 3600
@@ -67,30 +69,8 @@ class AudioInfo:
 
 
 def input_file(path: Any, *, max_bytes: int) -> Path:
-    """The file a skill's ``path`` names, checked: absolute (or ``~``), a regular file
-    (a FIFO or a device would block or never end), not empty, at most ``max_bytes``."""
-    if not isinstance(path, str) or not path:
-        raise AudioFileError(f"expected the path of an audio file (a non-empty string), got {path!r}")
-    p = Path(path).expanduser()
-    if not p.is_absolute():
-        # Relative to the daemon's working directory would be a different file than the caller meant.
-        raise AudioFileError(f"{path}: give an absolute path (or one starting with ~)")
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise AudioFileError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise AudioFileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise AudioFileError(f"{path}: not a regular file")
-    if st.st_size == 0:
-        raise AudioFileError(f"{path}: the file is empty")
-    if st.st_size > max_bytes:
-        raise AudioFileError(f"{path}: {st.st_size:,} bytes, over the {max_bytes:,}-byte limit "
-                             "(plugin setting max_bytes)")
-    if not os.access(p, os.R_OK):
-        raise AudioFileError(f"{path}: permission denied")
-    return p
+    """The file a skill's ``path`` names, checked (``plugin_api.input_file``)."""
+    return plugin_api.input_file(path, max_bytes=max_bytes, what="audio", error=AudioFileError)
 
 
 def wav_problem(path: Path) -> str | None:

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assistant import plugin_api
+from assistant.plugin_api import size_words
+
 MAX_BYTES = 20 * 1024 * 1024  # as the daemon's media.max_bytes default
 MAX_PIXELS = 40_000_000  # as the daemon's media.max_pixels default
 
@@ -51,7 +54,7 @@ class ImageFacts:
         colour = _MODE_WORDS.get(self.mode, f"in mode {self.mode}")
         frames = f", animated ({self.frames} frames; this reads the first)" if self.frames > 1 else ""
         return (f"A {self.format} image, {self.width} x {self.height} pixels, {colour}{frames}, "
-                f"{_size_words(self.bytes)}.")
+                f"{size_words(self.bytes)}.")
 
 
 _MODE_WORDS = {
@@ -62,44 +65,9 @@ _MODE_WORDS = {
 }
 
 
-def _size_words(n: int) -> str:
-    if n < 1024:
-        return f"{n} bytes"
-    if n < 1024 * 1024:
-        return f"{n / 1024:.0f} KB"
-    return f"{n / (1024 * 1024):.1f} MB"
-
-
 def input_file(path: Any, *, max_bytes: int, what: str = "image") -> Path:
-    """The file a skill's ``path`` argument names, checked: it exists, is a regular
-    file (a FIFO or a device would block or never end), is not empty and not over
-    ``max_bytes``. ``~`` is expanded; a relative path is refused (it would be relative to the daemon's
-    working directory, not the caller's)."""
-    if not isinstance(path, str) or not path:
-        raise ImageFileError(f"expected the path of an {what} file (a non-empty string), got {path!r}")
-    p = Path(path).expanduser()
-    if not p.is_absolute():
-        # The daemon's working directory is nobody's business: a relative path would
-        # quietly name a different file than the caller meant.
-        raise ImageFileError(f"{path}: give an absolute path (or one starting with ~)")
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise ImageFileError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise ImageFileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    import stat
-
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageFileError(f"{path}: not a regular file")
-    if st.st_size == 0:
-        raise ImageFileError(f"{path}: the file is empty")
-    if st.st_size > max_bytes:
-        raise ImageFileError(f"{path}: {_size_words(st.st_size)}, over the {_size_words(max_bytes)} limit for an "
-                             f"{what} (plugin setting max_bytes)")
-    if not os.access(p, os.R_OK):
-        raise ImageFileError(f"{path}: permission denied")
-    return p
+    """The file a skill's ``path`` argument names, checked (``plugin_api.input_file``)."""
+    return plugin_api.input_file(path, max_bytes=max_bytes, what=what, error=ImageFileError)
 
 
 def open_image(path: Any, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS):
